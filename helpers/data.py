@@ -1,0 +1,140 @@
+"""Where the data lives, how images are transformed, and the train/valid/test loaders."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from .backbones import Backbone
+from .images import is_image_file, open_image
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SPLITS = ("train", "valid", "test")
+
+
+class DataError(RuntimeError):
+    """The data folder or a names file is missing or malformed; the message says what to do."""
+
+
+def data_dir() -> Path:
+    """The data folder: $FLOWERS_DIR when set, else flowers/ in the project root."""
+    return Path(os.environ.get("FLOWERS_DIR") or PROJECT_ROOT / "flowers")
+
+
+def cache_dir() -> Path:
+    """The cache folder: $FLOWERS_CACHE when set, else the user's cache directory."""
+    if os.environ.get("FLOWERS_CACHE"):
+        return Path(os.environ["FLOWERS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flower-classifier"
+
+
+def train_transform(spec: Backbone) -> transforms.Compose:
+    """Augmentation for training: small rotation, random resized crop, horizontal flip."""
+    return transforms.Compose([
+        transforms.RandomRotation(15, interpolation=InterpolationMode.BILINEAR),
+        transforms.RandomResizedCrop(spec.input_size, scale=(0.25, 1.0),
+                                     interpolation=InterpolationMode(spec.interpolation)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+
+
+def eval_transform(spec: Backbone) -> transforms.Compose:
+    """Evaluation: shorter side to input/0.875, centre crop, normalise as the backbone expects."""
+    return transforms.Compose([
+        transforms.Resize(spec.resize_size, interpolation=InterpolationMode(spec.interpolation)),
+        transforms.CenterCrop(spec.input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+
+
+def image_folder(root: str | os.PathLike, transform=None) -> datasets.ImageFolder:
+    """An ImageFolder read through open_image, or a DataError saying what is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; it should hold one folder of images per class")
+    try:
+        return datasets.ImageFolder(root, transform=transform, loader=open_image,
+                                    is_valid_file=is_image_file)
+    except FileNotFoundError as err:  # no class folders, or a class folder with no images
+        raise DataError(f"{root}: {err}") from None
+
+
+def load_datasets(root: str | os.PathLike, spec: Backbone,
+                  splits: tuple[str, ...] = SPLITS) -> dict[str, datasets.ImageFolder]:
+    """ImageFolders for the splits under root: train augmented, the others centre-cropped."""
+    root = Path(root)
+    found = {s: image_folder(root / s, train_transform(spec) if s == "train" else
+                             eval_transform(spec)) for s in splits if (root / s).is_dir()}
+    if "train" in splits and "train" not in found:
+        raise DataError(f"{root}: no train/ folder; expected {'/, '.join(splits)}/ inside it")
+    reference = next(iter(found.values())).class_to_idx
+    for s, ds in found.items():
+        if ds.class_to_idx != reference:
+            extra = sorted(set(ds.class_to_idx) ^ set(reference))
+            raise DataError(f"{root / s}: its classes differ from {next(iter(found))}/ "
+                            f"({', '.join(extra[:5])}); every split needs the same class folders")
+    return found
+
+
+def make_loaders(datasets_: dict[str, datasets.ImageFolder], batch_size: int = 64,
+                 num_workers: int | None = None, seed: int = 0) -> dict[str, DataLoader]:
+    """DataLoaders: train shuffled with a seeded generator, the others in order."""
+    if num_workers is None:
+        num_workers = min(4, max(1, (os.cpu_count() or 1) - 1))
+    loaders = {}
+    for split, ds in datasets_.items():
+        loaders[split] = DataLoader(
+            ds, batch_size=batch_size, shuffle=split == "train", num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+    return loaders
+
+
+def load_category_names(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """Class folder -> flower name from a JSON file (default: the project's cat_to_name.json)."""
+    path = Path(path) if path else PROJECT_ROOT / "cat_to_name.json"
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such names file; give a JSON file of class -> name") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err}); fix or remove the names file") from None
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise DataError(f'{path}: expected a JSON object like {{"1": "pink primrose"}}')
+    return {str(k): v for k, v in names.items()}
+
+
+def class_names(class_to_idx: dict[str, int], names: dict[str, str] | None = None) -> list[str]:
+    """The name of each output index: index -> class folder -> name (folder name if unnamed)."""
+    names = names or {}
+    by_index = sorted(class_to_idx.items(), key=lambda item: item[1])
+    return [names.get(folder, folder) for folder, _ in by_index]
+
+
+def summarize(datasets_: dict[str, datasets.ImageFolder]) -> dict[str, dict[str, int]]:
+    """Images per split: total, number of classes, and the smallest and largest class."""
+    summary = {}
+    for split, ds in datasets_.items():
+        counts = Counter(ds.targets)
+        summary[split] = {"images": len(ds), "classes": len(ds.classes),
+                          "min_per_class": min(counts.values(), default=0),
+                          "max_per_class": max(counts.values(), default=0)}
+    return summary
+
+
+def images_per_class(ds: datasets.ImageFolder) -> dict[str, int]:
+    """Number of images of each class folder."""
+    counts = Counter(ds.targets)
+    return {folder: counts[idx] for folder, idx in ds.class_to_idx.items()}

@@ -1,0 +1,68 @@
+"""The classifier: a pretrained backbone and a new head for our classes."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .backbones import Backbone, get_backbone
+
+
+def build_head(in_features: int, num_classes: int, hidden_units: int = 512,
+               dropout: float = 0.2) -> nn.Sequential:
+    """Hidden layer, ReLU and dropout, then the class scores; hidden_units=0 gives a linear head."""
+    if hidden_units <= 0:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+    return nn.Sequential(
+        nn.Linear(in_features, hidden_units),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden_units, num_classes),
+    )
+
+
+class Classifier(nn.Module):
+    """backbone -> feature vector -> head -> class scores, with the labels it was trained on."""
+
+    def __init__(self, spec: Backbone, backbone: nn.Module, head: nn.Module,
+                 class_to_idx: dict[str, int], class_names: list[str]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backbone = backbone
+        self.head = head
+        self.class_to_idx = dict(class_to_idx)
+        self.idx_to_class = {i: c for c, i in class_to_idx.items()}
+        self.class_names = list(class_names)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """True when no backbone parameter is trained."""
+        return not any(p.requires_grad for p in self.backbone.parameters())
+
+    def train(self, mode: bool = True) -> Classifier:
+        # A frozen backbone stays in eval mode so its batch-norm statistics never drift.
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+
+def build_model(arch: str, class_to_idx: dict[str, int], class_names: list[str] | None = None,
+                hidden_units: int = 512, dropout: float = 0.2, pretrained: bool = True,
+                freeze: bool = True) -> Classifier:
+    """A pretrained backbone (frozen by default) with a new head for the classes of class_to_idx."""
+    spec = get_backbone(arch)
+    backbone = spec.build(pretrained)
+    backbone.requires_grad_(not freeze)
+    head = build_head(spec.num_features, len(class_to_idx), hidden_units, dropout)
+    names = class_names or sorted(class_to_idx, key=class_to_idx.__getitem__)
+    return Classifier(spec, backbone, head, class_to_idx, names)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Numbers of trainable and frozen parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable": trainable, "frozen": frozen}

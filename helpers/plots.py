@@ -1,0 +1,71 @@
+"""Pictures of results: the top-K bar chart beside its image, and the training curves."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from PIL import Image
+
+from .predict import Prediction
+
+
+def plot_topk_bars(prediction: Prediction, ax: Axes | None = None,
+                   true_name: str | None = None) -> Axes:
+    """Horizontal bars of the top-K probabilities, the highest on top; the true name in green."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3))
+    y = np.arange(len(prediction.probs))
+    colors = ["tab:green" if n == true_name else "tab:blue" for n in prediction.names]
+    ax.barh(y, prediction.probs, color=colors)
+    ax.set_yticks(y, prediction.names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability")
+    for yi, p in zip(y, prediction.probs, strict=True):
+        ax.text(min(p + 0.02, 0.85), yi, f"{p:.1%}", va="center")
+    return ax
+
+
+def plot_prediction(image: Image.Image | np.ndarray, prediction: Prediction,
+                    title: str | None = None, true_name: str | None = None) -> Figure:
+    """The image beside the horizontal bar chart of its top-K flower names."""
+    fig, (ax_img, ax_bar) = plt.subplots(1, 2, figsize=(9, 3.5),
+                                         gridspec_kw={"width_ratios": [1, 1.3]})
+    ax_img.imshow(image)
+    ax_img.axis("off")
+    ax_img.set_title(title or (f"true: {true_name}" if true_name else prediction.names[0]))
+    plot_topk_bars(prediction, ax_bar, true_name)
+    fig.tight_layout()
+    return fig
+
+
+def plot_history(history: Sequence[dict[str, float]]) -> Figure:
+    """Loss and accuracy per epoch: training and validation side by side."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax_loss.plot(epochs, [r["valid_loss"] for r in history], "o-", label="valid")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    ax_acc.plot(epochs, [r["train_top1"] for r in history], "o-", label="train")
+    ax_acc.plot(epochs, [r["valid_top1"] for r in history], "o-", label="valid")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write a figure to a PNG file (folders made as needed) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,105 @@
+"""Checkpoints: a plain dict, safe loading, identical logits after the round trip, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from helpers import checkpoint, model
+from helpers.train import TrainConfig
+
+CLASSES = {str(c): i for i, c in enumerate(sorted(str(k) for k in range(1, 13)))}
+
+
+@pytest.fixture(scope="module")
+def trained() -> model.Classifier:
+    torch.manual_seed(0)
+    clf = model.build_model("efficientnet_lite0", CLASSES, [f"f{c}" for c in CLASSES], 32)
+    with torch.no_grad():
+        for p in clf.head.parameters():
+            p.add_(torch.randn_like(p))  # differ from any fresh initialisation
+    return clf.eval()
+
+
+def test_round_trip_gives_identical_logits(trained, tmp_path):
+    path = checkpoint.save_checkpoint(trained, tmp_path / "c.pth", TrainConfig(hidden_units=32),
+                                      {"test": {"top1": 0.5}})
+    loaded, ckpt = checkpoint.load_checkpoint(path)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(trained(x), loaded(x))
+    assert loaded.class_to_idx == trained.class_to_idx
+    assert loaded.class_names == trained.class_names and loaded.idx_to_class[1] == "10"
+    assert ckpt["config"]["hidden_units"] == 32 and ckpt["metrics"]["test"]["top1"] == 0.5
+
+
+def test_checkpoint_is_a_plain_dict_loadable_with_weights_only(trained, tmp_path):
+    path = checkpoint.save_checkpoint(trained, tmp_path / "c.pth")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["format_version"] == checkpoint.FORMAT_VERSION
+    assert ckpt["arch"] == "efficientnet_lite0" and ckpt["input_size"] == 224
+    assert ckpt["mean"] == [0.5] * 3 and ckpt["head"]["hidden_units"] == 32
+    assert set(ckpt["versions"]) >= {"torch", "torchvision", "timm"}
+    assert all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values())
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_code_payload_is_refused_and_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"format_version": 1, "x": _Payload()}, f)
+    torch.save({"format_version": 1, "x": _Payload()}, tmp_path / "evil2.pth")
+    for p in (path, tmp_path / "evil2.pth"):
+        with pytest.raises(checkpoint.CheckpointError, match="refused"):
+            checkpoint.load_checkpoint(p)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_bad_files_are_clear_errors(trained, tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "absent.pth")
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "text.pth")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(checkpoint.CheckpointError, match="missing format_version"):
+        checkpoint.load_checkpoint(tmp_path / "other.pth")
+    good = checkpoint.save_checkpoint(trained, tmp_path / "good.pth")
+    data = good.read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "cut.pth")
+    ckpt = checkpoint.checkpoint_dict(trained)
+    torch.save(ckpt | {"format_version": 99}, tmp_path / "new.pth")
+    with pytest.raises(checkpoint.CheckpointError, match="newer"):
+        checkpoint.load_checkpoint(tmp_path / "new.pth")
+    torch.save(ckpt | {"arch": "alexnet"}, tmp_path / "arch.pth")
+    with pytest.raises(checkpoint.CheckpointError, match="unknown architecture 'alexnet'"):
+        checkpoint.load_checkpoint(tmp_path / "arch.pth")
+    torch.save(ckpt | {"class_to_idx": {"1": 0}, "class_names": ["one"]}, tmp_path / "n.pth")
+    with pytest.raises(checkpoint.CheckpointError, match="do not fit"):
+        checkpoint.load_checkpoint(tmp_path / "n.pth")
+
+
+def test_failed_save_keeps_the_previous_file(trained, tmp_path, monkeypatch):
+    path = checkpoint.save_checkpoint(trained, tmp_path / "c.pth")
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_checkpoint(trained, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]  # no temporary file left

@@ -1,0 +1,102 @@
+"""Data: locations, transforms, label mapping, names and summaries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import data
+from helpers.backbones import get_backbone
+from helpers.predict import process_image
+
+LITE0 = get_backbone("efficientnet_lite0")
+
+
+def test_data_and_cache_dirs_follow_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("FLOWERS_DIR", raising=False)
+    assert data.data_dir() == data.PROJECT_ROOT / "flowers"
+    monkeypatch.setenv("FLOWERS_DIR", str(tmp_path / "d"))
+    monkeypatch.setenv("FLOWERS_CACHE", str(tmp_path / "c"))
+    assert data.data_dir() == tmp_path / "d"
+    assert data.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("FLOWERS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.cache_dir() == tmp_path / "xdg" / "flower-classifier"
+
+
+def test_label_mapping_sorts_folders_as_strings(tiny_folder):
+    sets = data.load_datasets(tiny_folder, LITE0)
+    mapping = sets["train"].class_to_idx
+    assert list(mapping) == ["1", "10", "11", "12", "2", "3", "4", "5", "6", "7", "8", "9"]
+    assert mapping["10"] == 1 and mapping["2"] == 4
+    names = data.class_names(mapping, {str(i): f"flower {i}" for i in range(1, 13)})
+    assert names[1] == "flower 10" and names[4] == "flower 2"
+    # Every sample's label is the index of its own folder.
+    for path, label in sets["valid"].samples:
+        assert sets["valid"].classes[label] == path.split("/")[-2]
+
+
+def test_folder_names_are_names_without_a_names_file(tiny_folder):
+    mapping = data.image_folder(tiny_folder / "train").class_to_idx
+    assert data.class_names(mapping) == sorted(mapping)
+    assert data.class_names(mapping, {"1": "one"})[0] == "one"
+
+
+def test_summary_counts_images_and_classes(tiny_folder):
+    summary = data.summarize(data.load_datasets(tiny_folder, LITE0))
+    assert summary["train"] == {"images": 36, "classes": 12, "min_per_class": 3,
+                                "max_per_class": 3}
+    assert data.images_per_class(data.image_folder(tiny_folder / "test"))["7"] == 3
+
+
+def test_transforms_give_backbone_sized_normalised_tensors(tiny_folder):
+    sets = data.load_datasets(tiny_folder, LITE0)
+    for split in ("train", "valid"):
+        x, y = sets[split][0]
+        assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+        assert -1.0 <= x.min() and x.max() <= 1.0  # mean = std = 0.5 maps 0..1 to -1..1
+    loaders = data.make_loaders(sets, batch_size=8, num_workers=0)
+    images, labels = next(iter(loaders["train"]))
+    assert images.shape == (8, 3, 224, 224) and labels.shape == (8,)
+
+
+@pytest.mark.parametrize("size", [(300, 200), (200, 300), (257, 256), (224, 224), (640, 481)])
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet50", "efficientnet_lite2"])
+def test_numpy_process_image_matches_torchvision_eval_transform(size, arch):
+    spec = get_backbone(arch)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ours = process_image(image, spec.input_size, spec.resize_size, spec.mean, spec.std,
+                         spec.interpolation)
+    reference = data.eval_transform(spec)(image).numpy()
+    assert ours.shape == reference.shape == (3, spec.input_size, spec.input_size)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_missing_folder_and_mismatched_classes_are_clear_errors(tiny_folder, tmp_path):
+    with pytest.raises(data.DataError, match="no such folder"):
+        data.image_folder(tmp_path / "nowhere")
+    with pytest.raises(data.DataError, match="no train/ folder"):
+        data.load_datasets(tmp_path, LITE0)
+    (tiny_folder / "valid" / "1").rename(tiny_folder / "valid" / "13")
+    with pytest.raises(data.DataError, match="classes differ"):
+        data.load_datasets(tiny_folder, LITE0)
+
+
+def test_category_names_file(tmp_path):
+    names = data.load_category_names()
+    assert len(names) == 102 and names["1"] == "pink primrose"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(data.DataError, match="not valid JSON"):
+        data.load_category_names(bad)
+    bad.write_text(json.dumps(["a", "b"]))
+    with pytest.raises(data.DataError, match="expected a JSON object"):
+        data.load_category_names(bad)
+    with pytest.raises(data.DataError, match="no such names file"):
+        data.load_category_names(tmp_path / "absent.json")
