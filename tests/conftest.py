@@ -10,7 +10,11 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL_DATA = Path(os.environ.get("FLOWERS_TEST_DATA", ROOT.parent / "shared" / "data" / "flowers"))
+# The real data: $FLOWERS_TEST_DATA, else ../shared/data/flowers beside the checkout (or
+# beside /work/main, where clean clones made elsewhere find it).
+_CANDIDATES = [ROOT.parent / "shared" / "data" / "flowers", Path("/work/shared/data/flowers")]
+REAL_DATA = Path(os.environ.get("FLOWERS_TEST_DATA") or next(
+    (p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0]))
 
 # Each class is a distinct hue so that even a few steps of training can separate them.
 PALETTE = [(220, 40, 40), (40, 180, 40), (40, 40, 220), (220, 220, 40), (220, 40, 220),
