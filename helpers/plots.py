@@ -69,3 +69,47 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def show_images(images: Sequence[np.ndarray], titles: Sequence[str], mean: Sequence[float],
+                std: Sequence[float], columns: int = 4) -> Figure:
+    """A grid of processed (3 x H x W, normalised) images with their titles."""
+    from .predict import imshow
+
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles, strict=False):
+        imshow(image, ax, title, tuple(mean), tuple(std))
+    fig.tight_layout()
+    return fig
+
+
+def plot_prediction_grid(items: Sequence[tuple[Image.Image, Prediction, str]],
+                         columns: int = 2) -> Figure:
+    """For each (image, prediction, true name): the image beside its top-K bar chart."""
+    rows = -(-len(items) // columns)
+    fig, axes = plt.subplots(rows, 2 * columns, figsize=(8 * columns, 3 * rows), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1.4] * columns})
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image, prediction, true_name) in enumerate(items):
+        row, col = divmod(i, columns)
+        ax_img, ax_bar = axes[row, 2 * col], axes[row, 2 * col + 1]
+        ax_img.imshow(image)
+        ok = prediction.names[0] == true_name
+        ax_img.set_title(f"{'✓' if ok else '✗'} {true_name}", color="green" if ok else "red")
+        ax_bar.axis("on")
+        plot_topk_bars(prediction, ax_bar, true_name)
+    fig.tight_layout()
+    return fig
+
+
+def show_samples(dataset, names: Sequence[str], mean: Sequence[float], std: Sequence[float],
+                 count: int = 8) -> Figure:
+    """`count` images spread over a dataset, as its transform makes them, with their names."""
+    step = max(1, len(dataset) // count)
+    samples = [dataset[i] for i in range(0, len(dataset), step)][:count]
+    return show_images([np.asarray(x) for x, _ in samples], [names[y] for _, y in samples],
+                       mean, std)

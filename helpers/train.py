@@ -6,7 +6,7 @@ import contextlib
 import copy
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,16 +18,32 @@ from tqdm.auto import tqdm
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a training run except the device."""
+    """Everything that defines a training run except the device; defaults are the fast recipe."""
 
     arch: str = "efficientnet_lite0"
-    hidden_units: int = 512
+    recipe: str = "auto"  # auto: "full" on a GPU, "cached" on a CPU; or "course"
+    hidden_units: int = 0  # 0: a linear head; the course recipe uses 512
     dropout: float = 0.2
-    learning_rate: float = 1e-3
-    epochs: int = 5
-    batch_size: int = 64
+    learning_rate: float = 3e-3  # of the head (Adam in the course recipe, AdamW otherwise)
+    backbone_lr: float = 3e-4  # of the fine-tuned backbone layers
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    epochs: int = 4
+    batch_size: int = 128
+    tail_stages: int = 1  # cached recipe: backbone stages fine-tuned on cached activations
+    views: int = 2  # cached recipe: augmented views per training image, besides the centre
+    probe_epochs: int = 20  # cached recipe: epochs of the linear probe before fine-tuning
+    tta: bool = False  # average the predictions of the image and its mirror image
     seed: int = 0
-    fast: bool = True  # bf16 autocast and channels_last where the hardware gains from them
+    fast: bool = True  # bf16/fp16 autocast and channels_last where the hardware gains
+
+    @classmethod
+    def course(cls, **changes) -> TrainConfig:
+        """The course project's recipe: frozen backbone, 512-unit head, Adam 1e-3, fp32."""
+        values = {"recipe": "course", "hidden_units": 512, "dropout": 0.2,
+                  "learning_rate": 1e-3, "weight_decay": 0.0, "label_smoothing": 0.0,
+                  "epochs": 5, "batch_size": 64, "fast": False}
+        return cls(**(values | changes))
 
 
 def get_device(gpu: bool = True) -> torch.device:
@@ -47,21 +63,22 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed precision where it pays: fp16 on CUDA, bf16 on CPUs with native bf16, else nothing."""
+    """Mixed precision where it pays: bf16 (or fp16) on CUDA, bf16 on CPUs with native bf16."""
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
     if enabled and device.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def _batches(loader: DataLoader, device: torch.device, fast: bool, desc: str, progress: bool):
-    """Yield (images, labels) on the device, channels_last when fast, under a progress bar."""
+    """Yield (inputs, labels) on the device, images channels_last when fast, under a bar."""
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    memory_format = torch.channels_last if fast else torch.contiguous_format
-    for images, labels in bar:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        yield bar, images, labels.to(device, non_blocking=True)
+    for inputs, labels in bar:
+        memory_format = torch.channels_last if fast and inputs.ndim == 4 else torch.preserve_format
+        inputs = inputs.to(device, non_blocking=True, memory_format=memory_format)
+        yield bar, inputs, labels.to(device, non_blocking=True)
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -72,10 +89,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for bar, images, labels in _batches(loader, device, fast, "train", progress):
+    for bar, inputs, labels in _batches(loader, device, fast, "train", progress):
         with autocast(device, fast):
-            logits = model(images)
-            loss = loss_fn(logits.float(), labels)
+            logits = model(inputs).float()
+        loss = loss_fn(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -89,48 +106,92 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, fast: bool = True,
-             progress: bool = True) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 accuracy over every sample of the loader."""
+def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device, fast: bool = True,
+                  progress: bool = True, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities and labels of every sample (tta: averaged with the mirror image)."""
     model.eval()
-    total_loss, top1, top5, seen = 0.0, 0, 0, 0
-    for _, images, labels in _batches(loader, device, fast, "eval", progress):
+    probs, targets = [], []
+    for _, inputs, labels in _batches(loader, device, fast, "eval", progress):
         with autocast(device, fast):
-            logits = model(images).float()
-        total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += (best[:, 0] == labels).sum().item()
-        top5 += (best == labels[:, None]).any(1).sum().item()
-        seen += len(labels)
-    n = max(seen, 1)
-    return {"loss": total_loss / n, "top1": top1 / n, "top5": top5 / n, "n": seen}
+            p = model(inputs).float().softmax(1)
+            if tta:
+                p = (p + model(inputs.flip(3)).float().softmax(1)) / 2
+        probs.append(p.cpu())
+        targets.append(labels.cpu())
+    return torch.cat(probs), torch.cat(targets)
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Mean negative log-likelihood, top-1 and top-5 accuracy, counted over samples."""
+    n = len(labels)
+    best = probs.topk(min(5, probs.shape[1]), dim=1).indices
+    nll = -probs[torch.arange(n), labels].clamp_min(1e-12).log().sum().item()
+    return {"loss": nll / max(n, 1), "top1": (best[:, 0] == labels).sum().item() / max(n, 1),
+            "top5": (best == labels[:, None]).any(1).sum().item() / max(n, 1), "n": n}
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, fast: bool = True,
+             progress: bool = True, tta: bool = False) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 accuracy over every sample of the loader."""
+    return accuracy(*predict_probs(model, loader, device, fast, progress, tta))
 
 
 def fit(model: nn.Module, loaders: dict[str, DataLoader], config: TrainConfig,
-        device: torch.device, progress: bool = True,
-        log: callable | None = print) -> list[dict[str, float]]:
-    """Train for config.epochs, validate after each, keep the best epoch; returns the history."""
+        device: torch.device, progress: bool = True, log: Callable[[str], None] | None = print,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        start: float | None = None) -> list[dict[str, float]]:
+    """Train for config.epochs, validate after each, keep the best epoch; returns the history.
+
+    Without an optimizer this is the course recipe: Adam on the trainable parameters.
+    A scheduler, if given, steps after every batch. `start` is the clock the times count from.
+    """
     model.to(device)
     if config.fast:
         model.to(memory_format=torch.channels_last)
-    params: Iterable[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.learning_rate)
-    history: list[dict[str, float]] = []
-    best_top1, best_state = -1.0, None
-    start = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        trained = train_one_epoch(model, loaders["train"], optimizer, device, config.fast, progress)
-        valid = evaluate(model, loaders["valid"], device, config.fast, progress)
+    if optimizer is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    tracker = BestEpoch(model, config.epochs, log, start)
+    for _ in range(config.epochs):
+        trained = train_one_epoch(model, loaders["train"], optimizer, device, config.fast,
+                                  progress, scheduler, loss_fn)
+        valid = evaluate(model, loaders["valid"], device, config.fast, progress, config.tta)
+        tracker.update(trained, valid)
+    return tracker.finish()
+
+
+class BestEpoch:
+    """Epoch bookkeeping: the history rows, the log line, and the weights of the best epoch."""
+
+    def __init__(self, model: nn.Module, epochs: int, log: Callable[[str], None] | None,
+                 start: float | None = None) -> None:
+        self.model, self.epochs, self.log = model, epochs, log
+        self.start = start if start is not None else time.perf_counter()
+        self.history: list[dict[str, float]] = []
+        self.epoch = 0
+        self.best_top1, self.best_state = -1.0, None
+
+    def update(self, trained: dict[str, float], valid: dict[str, float],
+               epoch: int | None = None) -> None:
+        """Record an epoch (numbered 1, 2, ... unless given); keep the best epoch's weights."""
+        if epoch is None:
+            self.epoch = epoch = self.epoch + 1
         row = {"epoch": epoch, "train_loss": trained["loss"], "train_top1": trained["top1"],
                "valid_loss": valid["loss"], "valid_top1": valid["top1"],
-               "valid_top5": valid["top5"], "seconds": time.perf_counter() - start}
-        history.append(row)
-        if log:
-            log(f"epoch {epoch}/{config.epochs}  train loss {row['train_loss']:.3f}  "
-                f"valid loss {row['valid_loss']:.3f}  valid accuracy {row['valid_top1']:.1%}  "
-                f"({row['seconds']:.0f} s)")
-        if valid["top1"] > best_top1:
-            best_top1, best_state = valid["top1"], copy.deepcopy(model.state_dict())
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return history
+               "valid_top5": valid["top5"], "seconds": time.perf_counter() - self.start}
+        self.history.append(row)
+        if self.log:
+            self.log(f"epoch {epoch}/{self.epochs}  train loss {row['train_loss']:.3f}  "
+                     f"valid loss {row['valid_loss']:.3f}  valid accuracy "
+                     f"{row['valid_top1']:.1%}  ({row['seconds']:.0f} s)")
+        if valid["top1"] > self.best_top1:
+            self.best_top1 = valid["top1"]
+            self.best_state = copy.deepcopy(self.model.state_dict())
+
+    def finish(self) -> list[dict[str, float]]:
+        """Restore the best epoch's weights; returns the history."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return self.history

@@ -1,0 +1,169 @@
+"""The default recipe against the course recipe, on the same data, in one run.
+
+    python benchmarks/benchmark.py            # the full course split, 3 seeds (about 1 hour)
+    python benchmarks/benchmark.py --quick    # a small subset, 1 seed (about a minute)
+
+Each recipe runs in its own process, from raw images with an empty cache, so wall times
+and peak memory are its own. Prints a table and writes the same figures as JSON.
+The speed-up is the course recipe's time to its best valid accuracy divided by the
+default recipe's time to reach that same valid accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from helpers import backbones, data, model, recipes, train  # noqa: E402
+
+
+def run_one(recipe: str, seed: int, data_root: Path, quick: bool) -> dict:
+    """Train one recipe from raw images; return its history, phases, accuracy and memory."""
+    if recipe == "course":
+        config = train.TrainConfig.course(seed=seed, epochs=1 if quick else 5)
+    else:
+        config = train.TrainConfig(seed=seed, **({"epochs": 2, "probe_epochs": 5} if quick else {}))
+    device = torch.device("cpu")
+    start = time.perf_counter()
+    spec = backbones.get_backbone(config.arch)
+    sets = data.load_datasets(data_root, spec)
+    train.seed_everything(seed)
+    clf = model.build_model(config.arch, sets["train"].class_to_idx,
+                            hidden_units=config.hidden_units, dropout=config.dropout)
+    phases: dict[str, float] = {}
+    history = recipes.run_recipe(clf, sets, config, device, progress=False, log=None,
+                                 start=start, phases=phases)
+    trained = time.perf_counter()
+    result = {split: recipes.evaluate_split(clf, sets[split], config, device)
+              for split in ("valid", "test")}
+    phases["evaluate"] = time.perf_counter() - trained
+    phases["total"] = time.perf_counter() - start
+    return {"recipe": recipe, "seed": seed, "config": asdict(config), "history": history,
+            "phases": phases, "valid": result["valid"], "test": result["test"],
+            "train_images": len(sets["train"]),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def subset(root: Path, dest: Path, classes: int = 10, per_class: int = 8) -> Path:
+    """A small copy of the data by symbolic links: the first classes, a few images each."""
+    names = sorted((p.name for p in (root / "train").iterdir()), key=lambda n: (len(n), n))
+    for split in ("train", "valid", "test"):
+        for cls in names[:classes]:
+            (dest / split / cls).mkdir(parents=True)
+            for image in sorted((root / split / cls).iterdir())[:per_class]:
+                (dest / split / cls / image.name).symlink_to(image)
+    return dest
+
+
+def time_to_reach(history: list[dict], target: float) -> float | None:
+    """Seconds from the start until validation accuracy first reached target."""
+    return next((r["seconds"] for r in history if r["valid_top1"] >= target - 1e-9), None)
+
+
+def _child(recipe: str, seed: int, data_root: Path, quick: bool, out: Path) -> dict:
+    """Run one recipe in a fresh process with an empty cache of its own."""
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
+        env = os.environ | {"FLOWERS_CACHE": cache}
+        cmd = [sys.executable, __file__, "--child", recipe, "--seed", str(seed),
+               "--data", str(data_root), "--json", str(out)] + (["--quick"] if quick else [])
+        subprocess.run(cmd, env=env, check=True)
+    return json.loads(out.read_text())
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and spread of accuracy, the phases, images/s and the speed-up ratio."""
+    default = [r for r in runs if r["recipe"] == "default"]
+    course = next(r for r in runs if r["recipe"] == "course")
+    best = max(course["history"], key=lambda r: r["valid_top1"])
+    reach = [time_to_reach(r["history"], best["valid_top1"]) for r in default]
+    tops = [r["test"]["top1"] for r in default]
+    return {
+        "test_top1_mean": statistics.mean(tops),
+        "test_top1_std": statistics.stdev(tops) if len(tops) > 1 else 0.0,
+        "test_top5_mean": statistics.mean(r["test"]["top5"] for r in default),
+        "valid_top1_mean": statistics.mean(r["valid"]["top1"] for r in default),
+        "course_best_valid": best["valid_top1"], "course_seconds_to_best": best["seconds"],
+        "default_seconds_to_course_best": reach,
+        "speedup": (best["seconds"] / statistics.mean(reach)) if all(reach) else None,
+        "total_seconds_max": max(r["phases"]["total"] for r in default),
+        "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs),
+    }
+
+
+def table(runs: list[dict], summary: dict) -> str:
+    """The figures as a markdown table, then the summary lines."""
+    lines = ["| recipe | seed | valid top-1 | valid top-5 | test top-1 | test top-5 | extract s "
+             "| extract img/s | train s | fine-tune s | eval s | total s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        p = r["phases"]
+        rate = p["extract_images"] / p["extract"] if p.get("extract") else None
+        train_s = p.get("train", p.get("probe", 0.0))
+        lines.append(
+            f"| {r['recipe']} | {r['seed']} | {r['valid']['top1']:.2%} | {r['valid']['top5']:.2%} "
+            f"| {r['test']['top1']:.2%} | {r['test']['top5']:.2%} | {p.get('extract', 0):.0f} "
+            f"| {f'{rate:.0f}' if rate else '-'} | {train_s:.0f} | {p.get('finetune', 0):.0f} "
+            f"| {p['evaluate']:.0f} | {p['total']:.0f} | {r['peak_rss_mb']:.0f} |")
+    s = summary
+    speedup = f"{s['speedup']:.1f}x" if s["speedup"] else "not reached"
+    reach = ", ".join(f"{t:.0f} s" if t else "never" for t in s["default_seconds_to_course_best"])
+    lines += ["", f"default recipe: test top-1 {s['test_top1_mean']:.2%} "
+                  f"(std {s['test_top1_std']:.2%}), top-5 {s['test_top5_mean']:.2%}, "
+                  f"at most {s['total_seconds_max']:.0f} s from raw images to the checkpoint",
+              f"course recipe: best valid top-1 {s['course_best_valid']:.2%} after "
+              f"{s['course_seconds_to_best']:.0f} s; the default recipe reached it after {reach}:"
+              f" speed-up {speedup}",
+              f"peak RSS {s['peak_rss_mb_max']:.0f} MB"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10 classes, 8 images each, 1 seed")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the default recipe")
+    parser.add_argument("--data", type=Path, help="data folder (default: FLOWERS_DIR)")
+    parser.add_argument("--json", type=Path, default=ROOT / "build" / "benchmark.json")
+    parser.add_argument("--child", choices=["default", "course"], help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    data_root = args.data or data.data_dir()
+    if args.child:
+        result = run_one(args.child, args.seed, data_root, args.quick)
+        args.json.write_text(json.dumps(result, default=str))
+        return 0
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        if args.quick:
+            data_root = subset(data_root, Path(tmp) / "subset")
+        seeds = [0] if args.quick else list(range(args.seeds))
+        runs = [_child("course", 0, data_root, args.quick, Path(tmp) / "course.json")]
+        runs += [_child("default", s, data_root, args.quick, Path(tmp) / f"default{s}.json")
+                 for s in seeds]
+    summary = summarize(runs)
+    report = {"date": date.today().isoformat(), "machine": f"{platform.processor() or 'cpu'}, "
+              f"{os.cpu_count()} cores, torch {torch.__version__}", "quick": args.quick,
+              "data": str(data_root), "summary": summary, "runs": runs}
+    args.json.write_text(json.dumps(report, indent=2, default=str))
+    print(table(runs, summary))
+    print(f"figures: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Cached activations: run the frozen part of the backbone once, keep its output on disk.
+
+The backbone is split in two: a frozen *trunk* whose output is computed once per image
+and view and cached, and a trainable *tail* (the last stages, the final 1x1 conv and the
+pooling) that is fine-tuned together with the head on those cached activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+from tqdm.auto import tqdm
+
+from .backbones import Backbone
+from .checkpoint import atomic_save
+from .data import cache_dir, eval_transform, train_transform
+from .train import autocast
+
+CACHE_VERSION = 1
+
+
+def split_backbone(backbone: nn.Module, tail_stages: int) -> tuple[nn.Module, nn.Module]:
+    """(trunk, tail) sharing the backbone's modules; tail_stages=-1 leaves the tail empty.
+
+    For timm EfficientNets the tail is the last `tail_stages` block stages, conv_head,
+    bn2 and the pooling; other backbones only split at -1 (cached pooled features).
+    """
+    if tail_stages < 0:
+        return backbone, nn.Identity()
+    if not hasattr(backbone, "blocks") or not hasattr(backbone, "conv_head"):
+        raise ValueError(f"{type(backbone).__name__} can only cache pooled features (tail -1)")
+    cut = len(backbone.blocks) - tail_stages
+    trunk = nn.Sequential(backbone.conv_stem, backbone.bn1, *backbone.blocks[:cut])
+    tail = nn.Sequential(*backbone.blocks[cut:], backbone.conv_head, backbone.bn2,
+                         backbone.global_pool)
+    return trunk, tail
+
+
+class SeededView(Dataset):
+    """A dataset whose random transform is seeded per image: view v is the same every run."""
+
+    def __init__(self, dataset: datasets.ImageFolder, transform, seed: int) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        path, label = self.dataset.samples[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + index)
+            return self.transform(self.dataset.loader(path)), label
+
+
+def view_transform(spec: Backbone, view: str):
+    """'centre' (the eval transform), 'flip' (mirrored centre) or 'aug<N>' (train transform)."""
+    if view == "centre":
+        return eval_transform(spec)
+    if view == "flip":
+        # mirrored after the crop: exactly the mirror image of the centre view
+        return transforms.Compose([*eval_transform(spec).transforms,
+                                   transforms.RandomHorizontalFlip(p=1.0)])
+    return train_transform(spec)
+
+
+def _weights_digest(module: nn.Module) -> hashlib._Hash:
+    """A running sha256 over a module's parameter names and bytes."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h
+
+
+def has_onnxruntime() -> bool:
+    """True when ONNX Runtime can be imported."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def onnx_runner(trunk: nn.Module, input_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The trunk exported once to ONNX (cached) and run by ONNX Runtime: fp32, 2.5x torch bf16."""
+    import onnxruntime as ort
+
+    path = cache_dir() / "onnx" / f"trunk-{_weights_digest(trunk).hexdigest()[:24]}.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        example = torch.zeros(2, 3, input_size, input_size)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(trunk.float().eval(), (example,), tmp, dynamo=True, verbose=False,
+                              input_names=["images"], output_names=["activations"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              external_data=False)
+        os.replace(tmp, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+
+def torch_runner(trunk: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The trunk in PyTorch: channels_last and bf16/fp16 autocast where the hardware has them."""
+    trunk = trunk.to(device, memory_format=torch.channels_last).eval()
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+        with autocast(device):
+            return trunk(images)
+
+    return run
+
+
+@torch.inference_mode()
+def extract(run: Callable[[torch.Tensor], torch.Tensor], data: Dataset, batch_size: int = 32,
+            num_workers: int | None = None, desc: str = "extract",
+            progress: bool = True) -> torch.Tensor:
+    """The trunk's output for every item of `data`, in order, stored as fp16 on the CPU."""
+    if num_workers is None:
+        num_workers = 1 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 2) - 1)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available())
+    parts = [run(images).to("cpu", torch.float16)
+             for images, _ in tqdm(loader, desc=desc, leave=False, disable=not progress)]
+    return torch.cat(parts).contiguous(memory_format=torch.channels_last)
+
+
+class ActivationCache:
+    """The frozen trunk of a backbone and its activations per (dataset, view), cached on disk."""
+
+    def __init__(self, spec: Backbone, backbone: nn.Module, tail_stages: int,
+                 device: torch.device, engine: str = "auto", progress: bool = True) -> None:
+        if engine == "auto":
+            engine = "onnx" if device.type == "cpu" and has_onnxruntime() else "torch"
+        self.spec, self.tail_stages, self.device = spec, tail_stages, device
+        self.engine, self.progress = engine, progress
+        self.trunk, self.tail = split_backbone(backbone, tail_stages)
+        self._digest = _weights_digest(self.trunk).hexdigest()
+        self._run: Callable[[torch.Tensor], torch.Tensor] | None = None  # made when first needed
+        self.seconds, self.images = 0.0, 0  # time spent computing activations, and for how many
+
+    def key(self, dataset: datasets.ImageFolder, view: str, seed: int) -> str:
+        """A digest of all the activations depend on: weights, engine, transform, the files."""
+        facts = {"version": CACHE_VERSION, "arch": self.spec.name, "tail": self.tail_stages,
+                 "engine": self.engine, "weights": self._digest, "view": view,
+                 "seed": seed if view.startswith("aug") else None,
+                 "transform": repr(view_transform(self.spec, view)), "torch": torch.__version__}
+        h = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
+        for path, label in dataset.samples:
+            stat = os.stat(path)
+            h.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:24]
+
+    def get(self, dataset: datasets.ImageFolder, view: str = "centre",
+            seed: int = 0) -> torch.Tensor:
+        """Activations of one view of every image: from the cache, or computed and stored."""
+        name = f"{self.spec.name}-{view}-{self.key(dataset, view, seed)}.pt"
+        path = cache_dir() / "activations" / name
+        if path.is_file():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)["activations"]
+            except Exception:  # a damaged cache file is rebuilt, never trusted
+                path.unlink(missing_ok=True)
+        tic = time.perf_counter()
+        if self._run is None:
+            self._run = (onnx_runner(self.trunk, self.spec.input_size) if self.engine == "onnx"
+                         else torch_runner(self.trunk, self.device))
+        data = SeededView(dataset, view_transform(self.spec, view), seed)
+        acts = extract(self._run, data, desc=f"{view} {Path(dataset.root).name}",
+                       progress=self.progress)
+        atomic_save({"activations": acts, "created": time.time()}, path)
+        self.seconds += time.perf_counter() - tic
+        self.images += len(acts)
+        return acts
+
+
+def cache_size(folder: Path | None = None) -> int:
+    """Bytes held by the activation cache."""
+    folder = (folder or cache_dir()) / "activations"
+    return sum(p.stat().st_size for p in folder.glob("*.pt")) if folder.is_dir() else 0
+
+
+def clear_cache(folder: Path | None = None) -> int:
+    """Delete the activation cache; returns the bytes freed."""
+    folder = folder or cache_dir()
+    size = cache_size(folder)
+    shutil.rmtree(folder / "activations", ignore_errors=True)
+    return size

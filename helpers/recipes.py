@@ -1,0 +1,224 @@
+"""Training recipes, one entry point: `run_recipe(model, datasets, config, device)`.
+
+- cached (the CPU default): the frozen trunk's activations are computed once (ONNX Runtime)
+  and cached; a linear probe trains the head on pooled features in seconds, then the last
+  backbone stage, the final 1x1 conv and the head are fine-tuned on centre and augmented
+  views of every training image.
+- full (the GPU default): the whole network is fine-tuned on augmented images.
+- course: the course project's recipe, a frozen backbone and every augmented image
+  through it every epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision import datasets
+
+from .data import make_loaders
+from .features import ActivationCache
+from .model import Classifier
+from .train import (
+    BestEpoch,
+    TrainConfig,
+    accuracy,
+    autocast,
+    evaluate,
+    fit,
+    predict_probs,
+    train_one_epoch,
+)
+
+Log = Callable[[str], None] | None
+
+
+def resolve_recipe(config: TrainConfig, device: torch.device) -> str:
+    """The recipe to run: 'auto' means full fine-tuning on a GPU, cached activations on a CPU."""
+    if config.recipe != "auto":
+        return config.recipe
+    return "cached" if device.type == "cpu" else "full"
+
+
+def _one_cycle(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One-cycle schedule to each group's learning rate over `steps` batches."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(steps, 1),
+        pct_start=0.15)
+
+
+def _adamw(groups: list[tuple[list[nn.Parameter], float]], weight_decay: float):
+    """AdamW with one parameter group per (parameters, learning rate)."""
+    return torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups if p],
+                             weight_decay=weight_decay)
+
+
+def _tensor_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
+                   seed: int = 0) -> DataLoader:
+    """Batches of cached tensors."""
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _labels(dataset: datasets.ImageFolder) -> torch.Tensor:
+    return torch.tensor(dataset.targets)
+
+
+class CachedModel(nn.Module):
+    """tail -> head: the trainable part of the classifier, fed cached trunk activations."""
+
+    def __init__(self, tail: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.tail, self.head = tail, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tail(x))
+
+
+def cached_probs(net: nn.Module, cache: ActivationCache, dataset: datasets.ImageFolder,
+                 device: torch.device, config: TrainConfig) -> torch.Tensor:
+    """Class probabilities of a dataset from its cached centre (and mirrored) activations."""
+    labels = _labels(dataset)
+    views = ["centre", "flip"] if config.tta else ["centre"]
+    probs = [predict_probs(net, _tensor_loader(cache.get(dataset, v), labels, 256), device,
+                           config.fast, progress=False)[0] for v in views]
+    return torch.stack(probs).mean(0)
+
+
+def fit_cached(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
+               device: torch.device, progress: bool = True, log: Log = print,
+               start: float | None = None,
+               phases: dict[str, float] | None = None) -> list[dict[str, float]]:
+    """Linear probe, then fine-tune the backbone's tail and the head on cached activations.
+
+    `phases`, when given, receives the seconds spent extracting (and the number of images),
+    probing and fine-tuning.
+    """
+    start = time.perf_counter() if start is None else start
+    phases = {} if phases is None else phases
+    model.requires_grad_(False).eval()
+    cache = ActivationCache(model.spec, model.backbone, config.tail_stages, device,
+                            progress=progress)
+    net = CachedModel(cache.tail, model.head).to(device)
+    y_train, y_valid = _labels(sets["train"]), _labels(sets["valid"])
+    x_train = cache.get(sets["train"], "centre")
+    tracker = BestEpoch(model, config.epochs, log, start)
+
+    # Linear probe: the head alone on pooled features, computed once through the frozen tail.
+    tic, extracted = time.perf_counter(), cache.seconds
+    if config.probe_epochs > 0:
+        features = _pooled(cache.tail, x_train, device, config.fast)
+        model.head.requires_grad_(True)
+        optimizer = _adamw([(list(model.head.parameters()), config.learning_rate)],
+                           config.weight_decay)
+        loader = _tensor_loader(features, y_train, 256, shuffle=True, seed=config.seed)
+        scheduler = _one_cycle(optimizer, config.probe_epochs * len(loader))
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        for _ in range(config.probe_epochs):
+            trained = train_one_epoch(model.head, loader, optimizer, device, False, False,
+                                      scheduler, loss_fn)
+        valid = accuracy(cached_probs(net, cache, sets["valid"], device, config), y_valid)
+        tracker.update(trained, valid, epoch=0)
+    phases["probe"] = time.perf_counter() - tic - (cache.seconds - extracted)
+
+    # Fine-tune the tail and the head on the centre and augmented views of every image.
+    views = [x_train] + [cache.get(sets["train"], f"aug{v}", seed=config.seed * 1000 + v)
+                         for v in range(1, config.views + 1)]
+    x_all, y_all = torch.cat(views), y_train.repeat(len(views))
+    del views
+    tic, extracted = time.perf_counter(), cache.seconds
+    cache.tail.requires_grad_(True)
+    model.head.requires_grad_(True)
+    optimizer = _adamw([(list(cache.tail.parameters()), config.backbone_lr),
+                        (list(model.head.parameters()), config.learning_rate)],
+                       config.weight_decay)
+    loader = _tensor_loader(x_all, y_all, config.batch_size, shuffle=True, seed=config.seed)
+    scheduler = _one_cycle(optimizer, config.epochs * len(loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    for _ in range(config.epochs):
+        trained = train_one_epoch(net, loader, optimizer, device, config.fast, progress,
+                                  scheduler, loss_fn)
+        valid = accuracy(cached_probs(net, cache, sets["valid"], device, config), y_valid)
+        tracker.update(trained, valid)
+    history = tracker.finish()
+    phases["finetune"] = time.perf_counter() - tic - (cache.seconds - extracted)
+    phases["extract"], phases["extract_images"] = cache.seconds, cache.images
+    model.requires_grad_(False)
+    for module in (cache.tail, model.head):  # what was trained stays trainable, as reported
+        module.requires_grad_(True)
+    model.eval()
+    return history
+
+
+@torch.inference_mode()
+def _pooled(tail: nn.Module, x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor:
+    """The frozen tail's pooled features of cached activations, in float32 on the CPU."""
+    tail.eval().to(device)
+    loader = _tensor_loader(x, torch.zeros(len(x), dtype=torch.long), 256)
+    return predict_features(tail, loader, device, fast)
+
+
+def predict_features(net: nn.Module, loader: DataLoader, device: torch.device,
+                     fast: bool) -> torch.Tensor:
+    """The outputs of `net` for every batch of the loader, float32 on the CPU."""
+    outputs = []
+    for x, _ in loader:
+        with autocast(device, fast):
+            outputs.append(net(x.to(device)).float().cpu())
+    return torch.cat(outputs)
+
+
+def fit_full(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
+             device: torch.device, progress: bool = True, log: Log = print,
+             start: float | None = None) -> list[dict[str, float]]:
+    """Fine-tune the whole network on augmented images: AdamW, one-cycle, label smoothing."""
+    model.requires_grad_(True)
+    loaders = make_loaders(sets, config.batch_size, seed=config.seed)
+    optimizer = _adamw([(list(model.backbone.parameters()), config.backbone_lr),
+                        (list(model.head.parameters()), config.learning_rate)],
+                       config.weight_decay)
+    scheduler = _one_cycle(optimizer, config.epochs * len(loaders["train"]))
+    return fit(model, loaders, config, device, progress, log, optimizer, scheduler, start)
+
+
+def run_recipe(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
+               device: torch.device, progress: bool = True, log: Log = print,
+               start: float | None = None,
+               phases: dict[str, float] | None = None) -> list[dict[str, float]]:
+    """Train `model` by the recipe of config (see the module docstring); returns the history.
+
+    `phases`, when given, receives the wall time of each phase in seconds.
+    """
+    recipe = resolve_recipe(config, device)
+    phases = {} if phases is None else phases
+    if recipe == "cached":
+        return fit_cached(model, sets, config, device, progress, log, start, phases)
+    tic = time.perf_counter()
+    if recipe == "full":
+        history = fit_full(model, sets, config, device, progress, log, start)
+    elif recipe == "course":
+        loaders = make_loaders(sets, config.batch_size, seed=config.seed)
+        history = fit(model, loaders, config, device, progress, log, start=start)
+    else:
+        raise ValueError(f"unknown recipe {recipe!r}; choose auto, cached, full or course")
+    phases["train"] = time.perf_counter() - tic
+    return history
+
+
+def evaluate_split(model: Classifier, dataset: datasets.ImageFolder, config: TrainConfig,
+                   device: torch.device, progress: bool = False) -> dict[str, float]:
+    """Top-1/top-5 of a trained model on an eval-transformed dataset.
+
+    After the cached recipe the frozen trunk's activations come from (or go to) the cache:
+    the trunk is unchanged by training, so they are what the whole model would compute.
+    """
+    if resolve_recipe(config, device) == "cached":
+        cache = ActivationCache(model.spec, model.backbone, config.tail_stages, device,
+                                progress=progress)
+        net = CachedModel(cache.tail, model.head)
+        return accuracy(cached_probs(net, cache, dataset, device, config), _labels(dataset))
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=1)
+    return evaluate(model, loader, device, config.fast, progress, config.tta)

@@ -1,0 +1,26 @@
+"""The benchmark's quick mode runs end to end, so the script cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_quick_benchmark_prints_the_table_and_writes_json(real_data, tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--quick",
+                           "--data", str(real_data), "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| course | 0 |" in done.stdout and "| default | 0 |" in done.stdout
+    assert "speed-up" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["quick"] and len(report["runs"]) == 2
+    default = next(r for r in report["runs"] if r["recipe"] == "default")
+    assert default["phases"]["extract_images"] > 0 and default["phases"]["finetune"] > 0
+    assert [r["epoch"] for r in default["history"]] == [0, 1, 2]
+    assert 0.0 <= report["summary"]["test_top1_mean"] <= 1.0
+    assert report["summary"]["peak_rss_mb_max"] > 100

@@ -1,0 +1,159 @@
+"""Command lines and exports: every command's success and failure paths, and export parity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, make_image_folder
+from helpers import checkpoint, cli, export, model
+from helpers.predict import predict, process_image
+
+CLASSES = ["1", "2", "10"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("cli") / "flowers", CLASSES, per_class=4)
+
+
+@pytest.fixture(scope="module")
+def ckpt(folder, tmp_path_factory):
+    torch.manual_seed(0)
+    clf = model.build_model("efficientnet_lite0", {"1": 0, "10": 1, "2": 2},
+                            ["pink primrose", "globe thistle", "hard-leaved pocket orchid"], 0)
+    with torch.no_grad():
+        clf.head[1].weight.normal_(0, 0.05)
+    return checkpoint.save_checkpoint(clf, tmp_path_factory.mktemp("ck") / "checkpoint.pth")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+
+
+def test_train_script_trains_and_saves(folder, tmp_path):
+    done = run("train.py", str(folder), "--save_dir", str(tmp_path / "out"), "--epochs", "1",
+               "--batch_size", "6", "--seed", "1", "--hidden_units", "8")
+    assert done.returncode == 0, done.stderr
+    assert "epoch 1/1" in done.stdout and "valid accuracy" in done.stdout
+    assert "\r" not in done.stderr  # no progress bars when not on a terminal
+    assert f"checkpoint: {tmp_path / 'out' / 'checkpoint.pth'}" in done.stdout
+    saved = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert saved["config"]["seed"] == 1 and saved["head"]["hidden_units"] == 8
+
+
+def test_predict_script_text_json_and_folder(folder, ckpt):
+    image = folder / "test" / "2" / "img_0.jpg"
+    done = run("predict.py", str(image), str(ckpt), "--top_k", "3")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("1. ")
+    one = json.loads(run("predict.py", str(image), str(ckpt), "--json").stdout)
+    probs = [p["probability"] for p in one["predictions"]]
+    assert one["image"] == str(image) and probs == sorted(probs, reverse=True)
+    assert {p["name"] for p in one["predictions"]} <= {"pink primrose", "globe thistle",
+                                                      "hard-leaved pocket orchid"}
+    many = json.loads(run("predict.py", str(folder / "test"), str(ckpt), "--json").stdout)
+    assert isinstance(many, list) and len(many) == 12
+
+
+def test_category_names_override(folder, ckpt, tmp_path, capsys):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"1": "one", "2": "two", "10": "ten"}))
+    image = folder / "test" / "2" / "img_0.jpg"
+    assert cli.main(["predict", str(image), str(ckpt), "--category_names", str(names),
+                     "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {p["name"] for p in result["predictions"]} == {"one", "two", "ten"}
+    for p in result["predictions"]:
+        assert p["name"] == {"1": "one", "2": "two", "10": "ten"}[p["class"]]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["predict", "missing.jpg", "CKPT"], "no such image file"),
+    (["predict", "IMAGE", "missing.pth"], "no such checkpoint"),
+    (["predict", "IMAGE", "CKPT", "--top_k", "0"], "--top_k must be at least 1"),
+    (["predict", "IMAGE", "TEXT"], "not a readable checkpoint"),
+    (["predict", "IMAGE", "CKPT", "--category_names", "TEXT"], "not valid JSON"),
+    (["evaluate", "CKPT", "missing_folder"], "no such folder"),
+    (["train", "missing_folder", "--epochs", "1"], "no train/ folder"),
+    (["export", "CKPT", "--format", "torchscript", "--int8"], "--int8 applies to --format onnx"),
+])
+def test_failures_are_one_line_and_exit_1(args, message, folder, ckpt, tmp_path, capsys):
+    text = tmp_path / "text.pth"
+    text.write_text("not json, not a checkpoint")
+    subs = {"CKPT": str(ckpt), "IMAGE": str(folder / "test" / "1" / "img_0.jpg"),
+            "TEXT": str(text)}
+    assert cli.main([subs.get(a, a) for a in args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_gpu_without_gpu_and_usage_errors():
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("a GPU is present")
+    done = run("predict.py", "x.jpg", "c.pth", "--gpu")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    usage = run("predict.py", "only_one_argument")
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    assert run("train.py", "--help").returncode == 0
+
+
+def test_evaluate_and_cache_commands(folder, ckpt, capsys):
+    assert cli.main(["evaluate", str(ckpt), str(folder / "valid")]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert cli.main(["cache"]) == 0 and "cached activations" in capsys.readouterr().out
+    assert cli.main(["cache", "--clear"]) == 0 and "cleared" in capsys.readouterr().out
+
+
+def test_onnx_and_torch_exports_agree_with_pytorch(folder, ckpt, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    assert cli.main(["export", str(ckpt), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert cli.main(["export", str(ckpt), "--format", "torchscript", "-o",
+                     str(tmp_path / "m.pt")]) == 0
+    assert not list(tmp_path.glob("*.data"))  # one self-contained file
+    clf, _ = checkpoint.load_checkpoint(ckpt)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["class_names"]) == clf.class_names and meta["input_size"] == "224"
+    exported = export.load_torch_export(next(tmp_path.glob("m.pt*")))
+    images = sorted((folder / "test").rglob("*.jpg"))
+    x = np.stack([process_image(p) for p in images])
+    with torch.no_grad():
+        expected = clf(torch.from_numpy(x)).softmax(1).numpy()
+        via_torch = exported(torch.from_numpy(x)).numpy()
+    via_onnx = session.run(None, {"images": x})[0]
+    np.testing.assert_allclose(via_onnx, expected, atol=1e-4)
+    np.testing.assert_allclose(via_torch, expected, atol=1e-4)
+
+
+def test_standalone_onnx_script_agrees_with_predict(folder, ckpt, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx_path = export.export_onnx(checkpoint.load_checkpoint(ckpt)[0], tmp_path / "m.onnx")
+    image = folder / "test" / "10" / "img_1.jpg"
+    done = run("examples/onnx_predict.py", str(onnx_path), str(image))
+    assert done.returncode == 0, done.stderr
+    clf, _ = checkpoint.load_checkpoint(ckpt)
+    expected = predict(image, clf, topk=3)
+    lines = done.stdout.strip().splitlines()
+    for line, name, p in zip(lines, expected.names, expected.probs, strict=False):
+        assert name in line and f"{p:.2%}" in line
+
+
+def test_int8_export_is_small_and_runs(folder, ckpt, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    assert cli.main(["export", str(ckpt), "--int8", "--calibration", str(folder / "train"),
+                     "-o", str(tmp_path / "q.onnx")]) == 0
+    path = tmp_path / "q.onnx"
+    assert path.stat().st_size < 6e6
+    session = ort.InferenceSession(str(path))
+    x = process_image(Image.open(folder / "test" / "1" / "img_0.jpg"))[None]
+    probs = session.run(None, {"images": x})[0]
+    assert probs.shape == (1, 3) and abs(probs.sum() - 1) < 1e-3
