@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user mistake prints one line on stderr and returns 1."""
     args = build_parser().parse_args(argv)
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}",
+                                                           file=sys.stderr)
     try:
         args.func(args)
     except USER_ERRORS as err:

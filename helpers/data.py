@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from .backbones import Backbone
-from .images import is_image_file, open_image
+from .images import check_image, is_image_file, open_image
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "valid", "test")
@@ -21,6 +22,10 @@ SPLITS = ("train", "valid", "test")
 
 class DataError(RuntimeError):
     """The data folder or a names file is missing or malformed; the message says what to do."""
+
+
+class BadImageWarning(UserWarning):
+    """Unreadable images were found in a data set and left out."""
 
 
 def data_dir() -> Path:
@@ -70,12 +75,34 @@ def image_folder(root: str | os.PathLike, transform=None) -> datasets.ImageFolde
         raise DataError(f"{root}: {err}") from None
 
 
-def load_datasets(root: str | os.PathLike, spec: Backbone,
-                  splits: tuple[str, ...] = SPLITS) -> dict[str, datasets.ImageFolder]:
-    """ImageFolders for the splits under root: train augmented, the others centre-cropped."""
+def drop_bad_images(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
+    """Find unreadable images before training, leave them out with a warning; returns them."""
+    bad = [(path, why) for path, _ in dataset.samples if (why := check_image(path))]
+    if bad:
+        skip = {path for path, _ in bad}
+        dataset.samples = [s for s in dataset.samples if s[0] not in skip]
+        dataset.imgs, dataset.targets = dataset.samples, [label for _, label in dataset.samples]
+        listed = "; ".join(f"{path}: {why}" for path, why in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        warnings.warn(f"left out {len(bad)} unreadable image(s) of {dataset.root}: "
+                      f"{listed}{more}", BadImageWarning, stacklevel=2)
+        if not dataset.samples:
+            raise DataError(f"{dataset.root}: no readable images left; replace the files")
+    return bad
+
+
+def load_datasets(root: str | os.PathLike, spec: Backbone, splits: tuple[str, ...] = SPLITS,
+                  check: bool = True) -> dict[str, datasets.ImageFolder]:
+    """ImageFolders for the splits under root: train augmented, the others centre-cropped.
+
+    With `check`, unreadable images are found first and left out with a BadImageWarning,
+    so training never stops half-way on a damaged file.
+    """
     root = Path(root)
     found = {s: image_folder(root / s, train_transform(spec) if s == "train" else
                              eval_transform(spec)) for s in splits if (root / s).is_dir()}
+    for ds in found.values() if check else ():
+        drop_bad_images(ds)
     if "train" in splits and "train" not in found:
         raise DataError(f"{root}: no train/ folder; expected {'/, '.join(splits)}/ inside it")
     reference = next(iter(found.values())).class_to_idx

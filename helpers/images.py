@@ -67,3 +67,20 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{path}: not an image PIL can read; use a JPEG, PNG or WebP") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{path}: damaged or truncated image ({err}); replace it") from None
+
+
+def check_image(path: str | os.PathLike) -> str | None:
+    """Why an image file cannot be used, or None if it decodes (a fast, reduced-size decode)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, still reads every byte
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "too large"
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, SyntaxError, ValueError) as err:
+        return f"damaged ({err})"
+    return None
