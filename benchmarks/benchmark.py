@@ -30,10 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import backbones, data, model, recipes, train  # noqa: E402
+from helpers import backbones, checkpoint, data, model, recipes, train  # noqa: E402
 
 
-def run_one(recipe: str, seed: int, data_root: Path, quick: bool) -> dict:
+def run_one(recipe: str, seed: int, data_root: Path, quick: bool,
+            save: Path | None = None) -> dict:
     """Train one recipe from raw images; return its history, phases, accuracy and memory."""
     if recipe == "course":
         config = train.TrainConfig.course(seed=seed, epochs=1 if quick else 5)
@@ -53,11 +54,61 @@ def run_one(recipe: str, seed: int, data_root: Path, quick: bool) -> dict:
     result = {split: recipes.evaluate_split(clf, sets[split], config, device)
               for split in ("valid", "test")}
     phases["evaluate"] = time.perf_counter() - trained
+    if save:
+        checkpoint.save_checkpoint(clf, save, config, result)
     phases["total"] = time.perf_counter() - start
     return {"recipe": recipe, "seed": seed, "config": asdict(config), "history": history,
             "phases": phases, "valid": result["valid"], "test": result["test"],
             "train_images": len(sets["train"]),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def latency(fn, x, repeats: int) -> tuple[float, float]:
+    """p50 and p95 in milliseconds of fn(x), after two warm-up calls."""
+    fn(x), fn(x)
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - tic) * 1000)
+    times.sort()
+    return times[len(times) // 2], times[int(len(times) * 0.95) - 1]
+
+
+def run_export(ckpt_path: Path, data_root: Path, quick: bool) -> dict:
+    """Exported models: size, test accuracy and batch-1 latency, next to PyTorch."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from helpers import export
+    from helpers.predict import process_for
+
+    clf, _ = checkpoint.load_checkpoint(ckpt_path)
+    tmp = ckpt_path.parent
+    paths = {"onnx fp32": export.export_onnx(clf, tmp / "model.onnx")}
+    paths["onnx int8"] = export.quantize_onnx(clf, paths["onnx fp32"], tmp / "model.int8.onnx",
+                                              data_root / "train", count=40 if quick else 200)
+    test = data.image_folder(data_root / "test")
+    x_all = np.stack([process_for(clf, p) for p, _ in test.samples])
+    labels = np.array(test.targets)
+    rows = {}
+    torch.set_num_threads(os.cpu_count() or 1)
+    with torch.inference_mode():
+        probs = torch.cat([clf(torch.from_numpy(x_all[i:i + 64])).softmax(1)
+                           for i in range(0, len(x_all), 64)]).numpy()
+        one = torch.from_numpy(x_all[:1])
+        p50, p95 = latency(clf, one, 20 if quick else 100)
+    rows["pytorch fp32"] = {"mb": ckpt_path.stat().st_size / 1e6, "p50_ms": p50, "p95_ms": p95,
+                            "test_top1": float((probs.argmax(1) == labels).mean())}
+    for name, path in paths.items():
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        probs = np.concatenate([session.run(None, {"images": x_all[i:i + 64]})[0]
+                                for i in range(0, len(x_all), 64)])
+        p50, p95 = latency(lambda x, s=session: s.run(None, {"images": x}), x_all[:1],
+                           20 if quick else 200)
+        rows[name] = {"mb": path.stat().st_size / 1e6, "p50_ms": p50, "p95_ms": p95,
+                      "test_top1": float((probs.argmax(1) == labels).mean())}
+    return rows
 
 
 def subset(root: Path, dest: Path, classes: int = 10, per_class: int = 8) -> Path:
@@ -67,7 +118,7 @@ def subset(root: Path, dest: Path, classes: int = 10, per_class: int = 8) -> Pat
         for cls in names[:classes]:
             (dest / split / cls).mkdir(parents=True)
             for image in sorted((root / split / cls).iterdir())[:per_class]:
-                (dest / split / cls / image.name).symlink_to(image)
+                (dest / split / cls / image.name).symlink_to(image.resolve())
     return dest
 
 
@@ -76,13 +127,14 @@ def time_to_reach(history: list[dict], target: float) -> float | None:
     return next((r["seconds"] for r in history if r["valid_top1"] >= target - 1e-9), None)
 
 
-def _child(recipe: str, seed: int, data_root: Path, quick: bool, out: Path) -> dict:
-    """Run one recipe in a fresh process with an empty cache of its own."""
+def _child(recipe: str, seed: int, data_root: Path, quick: bool, out: Path,
+           save: Path | None = None) -> dict:
+    """Run one recipe (or the export measurement) in a fresh process with an empty cache."""
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
         env = os.environ | {"FLOWERS_CACHE": cache}
         cmd = [sys.executable, __file__, "--child", recipe, "--seed", str(seed),
                "--data", str(data_root), "--json", str(out)] + (["--quick"] if quick else [])
-        subprocess.run(cmd, env=env, check=True)
+        subprocess.run(cmd + (["--save", str(save)] if save else []), env=env, check=True)
     return json.loads(out.read_text())
 
 
@@ -133,18 +185,32 @@ def table(runs: list[dict], summary: dict) -> str:
     return "\n".join(lines)
 
 
+def export_table(rows: dict) -> str:
+    """Size, test accuracy and single-image latency of each way to run the model."""
+    lines = ["| model | size MB | test top-1 | latency p50 ms | latency p95 ms |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['mb']:.1f} | {r['test_top1']:.2%} | {r['p50_ms']:.1f} "
+              f"| {r['p95_ms']:.1f} |" for name, r in rows.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 classes, 8 images each, 1 seed")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the default recipe")
     parser.add_argument("--data", type=Path, help="data folder (default: FLOWERS_DIR)")
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "benchmark.json")
-    parser.add_argument("--child", choices=["default", "course"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["default", "course", "export"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     data_root = args.data or data.data_dir()
+    if args.child == "export":
+        args.json.write_text(json.dumps(run_export(args.save, data_root, args.quick)))
+        return 0
     if args.child:
-        result = run_one(args.child, args.seed, data_root, args.quick)
+        result = run_one(args.child, args.seed, data_root, args.quick, args.save)
         args.json.write_text(json.dumps(result, default=str))
         return 0
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -153,14 +219,18 @@ def main(argv: list[str] | None = None) -> int:
             data_root = subset(data_root, Path(tmp) / "subset")
         seeds = [0] if args.quick else list(range(args.seeds))
         runs = [_child("course", 0, data_root, args.quick, Path(tmp) / "course.json")]
-        runs += [_child("default", s, data_root, args.quick, Path(tmp) / f"default{s}.json")
-                 for s in seeds]
+        saved = Path(tmp) / "default0.pth"
+        runs += [_child("default", s, data_root, args.quick, Path(tmp) / f"default{s}.json",
+                        saved if s == seeds[0] else None) for s in seeds]
+        exports = _child("export", 0, data_root, args.quick, Path(tmp) / "export.json", saved)
     summary = summarize(runs)
     report = {"date": date.today().isoformat(), "machine": f"{platform.processor() or 'cpu'}, "
               f"{os.cpu_count()} cores, torch {torch.__version__}", "quick": args.quick,
-              "data": str(data_root), "summary": summary, "runs": runs}
+              "data": str(data_root), "summary": summary, "runs": runs, "exports": exports}
     args.json.write_text(json.dumps(report, indent=2, default=str))
     print(table(runs, summary))
+    print()
+    print(export_table(exports))
     print(f"figures: {args.json}")
     return 0
 

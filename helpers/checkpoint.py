@@ -84,7 +84,10 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
         lines = [ln for ln in str(err).splitlines() if "Unsupported global" in ln]
-        why = lines[0].split(":", 1)[-1].strip() if lines else "code or unknown objects"
+        if not lines:  # not a pickle at all
+            raise CheckpointError(f"{path}: not a readable checkpoint ({str(err).strip()[:80]});"
+                                  " it may be truncated or not a PyTorch file") from None
+        why = lines[0].split(":", 1)[-1].strip()
         raise CheckpointError(f"{path}: refused to load, it holds more than weights and plain "
                               f"values ({why}); only load checkpoints from people you trust"
                               ) from None

@@ -89,6 +89,7 @@ def _calibration_images(folder: str | os.PathLike, count: int) -> list[Path]:
 def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, path: str | os.PathLike,
                   calibration_folder: str | os.PathLike, count: int = 200) -> Path:
     """Static int8 (QDQ) quantization, calibrated on training images, per-channel weights."""
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -111,11 +112,11 @@ def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, path: str | o
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         out = Path(tmp) / "int8.onnx"
+        # The softmax stays in float: quantized probabilities would move in steps of 1/255.
+        softmax = [n.name for n in onnx.load(prepared).graph.node if n.op_type == "Softmax"]
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
-        import onnx
-
+                        weight_type=QuantType.QInt8, nodes_to_exclude=softmax)
         proto = onnx.load(out)
     del proto.metadata_props[:]
     for key, value in metadata(model).items():

@@ -24,3 +24,7 @@ def test_quick_benchmark_prints_the_table_and_writes_json(real_data, tmp_path):
     assert [r["epoch"] for r in default["history"]] == [0, 1, 2]
     assert 0.0 <= report["summary"]["test_top1_mean"] <= 1.0
     assert report["summary"]["peak_rss_mb_max"] > 100
+    exports = report["exports"]
+    assert set(exports) == {"pytorch fp32", "onnx fp32", "onnx int8"}
+    assert exports["onnx int8"]["mb"] < exports["onnx fp32"]["mb"] / 2
+    assert "| onnx int8 |" in done.stdout
