@@ -122,3 +122,19 @@ def load_checkpoint(path: str | os.PathLike,
         raise CheckpointError(f"{path}: weights do not fit the {ckpt['arch']} model ({first})"
                               ) from None
     return model.to(device).eval(), ckpt
+
+
+def read_resume(path: str | os.PathLike) -> dict[str, Any]:
+    """A resumable training state (written after every epoch), loaded safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such resumable state; it is last.pth in --save_dir")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # damaged, or carrying code: refused either way
+        raise CheckpointError(f"{path}: not a readable resumable state "
+                              f"({str(err).strip().splitlines()[0][:80]})") from None
+    if not isinstance(state, dict) or state.get("kind") != "resume":
+        raise CheckpointError(f"{path}: not a resumable state; resume from last.pth, "
+                              "not from checkpoint.pth")
+    return state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import warnings
@@ -25,6 +26,10 @@ DEFAULTS = TrainConfig()
 
 class UserError(RuntimeError):
     """A mistake in what the user asked for; the message says what to do."""
+
+
+class Interrupted(UserError):
+    """Training was stopped (Ctrl-C or SIGTERM) after saving a resumable state."""
 
 
 USER_ERRORS = (UserError, DataError, ImageError, CheckpointError, BackboneError, ValueError,
@@ -91,7 +96,8 @@ def _train(args: argparse.Namespace, data_root: Path, out: Path, device) -> tupl
     """Load the data, build and train the model, evaluate valid/test, save the checkpoint."""
     from . import backbones, checkpoint, data, model, recipes, train
 
-    config = _config(args)
+    resume = checkpoint.read_resume(args.resume) if getattr(args, "resume", None) else None
+    config = TrainConfig(**resume["resume_config"]) if resume else _config(args)
     start = time.perf_counter()
     spec = backbones.get_backbone(config.arch)
     sets = data.load_datasets(data_root, spec)
@@ -103,8 +109,15 @@ def _train(args: argparse.Namespace, data_root: Path, out: Path, device) -> tupl
                             config.hidden_units, config.dropout)
     recipe = recipes.resolve_recipe(config, device)
     print(f"model {config.arch} on {device}, recipe {recipe}")
-    history = recipes.run_recipe(clf, sets, config, device, progress=sys.stderr.isatty(),
-                                 start=start)
+    state = out / "last.pth"
+    try:
+        history = recipes.run_recipe(clf, sets, config, device, progress=sys.stderr.isatty(),
+                                     start=start, state_path=state, resume=resume)
+    except KeyboardInterrupt:
+        if state.is_file():
+            raise Interrupted(f"interrupted; resume with: python train.py {data_root} "
+                              f"--save_dir {out} --resume {state}") from None
+        raise
     counts = model.count_parameters(clf)
     print(f"trained {counts['trainable']:,} parameters, {counts['frozen']:,} frozen")
     metrics = {split: recipes.evaluate_split(clf, sets[split], config, device)
@@ -254,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_dir", default="checkpoints", help="where checkpoint.pth goes "
                                                              "(default %(default)s)")
     p.add_argument("--names", help="JSON file of class folder -> name (default cat_to_name.json)")
+    p.add_argument("--resume", help="continue an interrupted run from its last.pth (the "
+                                    "saved settings are used)")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -292,17 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user mistake prints one line on stderr and returns 1."""
     args = build_parser().parse_args(argv)
     warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}",
                                                            file=sys.stderr)
+    signal.signal(signal.SIGTERM, _interrupt)  # a polite kill is handled like Ctrl-C
     try:
         args.func(args)
     except USER_ERRORS as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
-        return 1
+        return 130 if isinstance(err, Interrupted) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

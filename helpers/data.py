@@ -145,9 +145,12 @@ def load_category_names(path: str | os.PathLike | None = None) -> dict[str, str]
 
 def class_names(class_to_idx: dict[str, int], names: dict[str, str] | None = None) -> list[str]:
     """The name of each output index: index -> class folder -> name (folder name if unnamed)."""
-    names = names or {}
     by_index = sorted(class_to_idx.items(), key=lambda item: item[1])
-    return [names.get(folder, folder) for folder, _ in by_index]
+    missing = [folder for folder, _ in by_index if names and folder not in names]
+    if missing:
+        warnings.warn(f"no name for class folder(s) {', '.join(missing[:5])} in the names file; "
+                      "using the folder names", stacklevel=2)
+    return [(names or {}).get(folder, folder) for folder, _ in by_index]
 
 
 def summarize(datasets_: dict[str, datasets.ImageFolder]) -> dict[str, dict[str, int]]:

@@ -176,16 +176,21 @@ class ActivationCache:
         path = cache_dir() / "activations" / name
         if path.is_file():
             try:
-                return torch.load(path, map_location="cpu", weights_only=True)["activations"]
+                acts = torch.load(path, map_location="cpu", weights_only=True)["activations"]
+                # the layout of a fresh extraction, so that both give the same arithmetic
+                return acts.contiguous(memory_format=torch.channels_last)
             except Exception:  # a damaged cache file is rebuilt, never trusted
                 path.unlink(missing_ok=True)
         tic = time.perf_counter()
-        if self._run is None:
-            self._run = (onnx_runner(self.trunk, self.spec.input_size) if self.engine == "onnx"
-                         else torch_runner(self.trunk, self.device))
-        data = SeededView(dataset, view_transform(self.spec, view), seed)
-        acts = extract(self._run, data, desc=f"{view} {Path(dataset.root).name}",
-                       progress=self.progress)
+        # Exporting and extracting must not move the caller's random numbers: a run that
+        # finds its activations cached has to train exactly like the run that made them.
+        with torch.random.fork_rng(devices=[]):
+            if self._run is None:
+                self._run = (onnx_runner(self.trunk, self.spec.input_size)
+                             if self.engine == "onnx" else torch_runner(self.trunk, self.device))
+            data = SeededView(dataset, view_transform(self.spec, view), seed)
+            acts = extract(self._run, data, desc=f"{view} {Path(dataset.root).name}",
+                           progress=self.progress)
         atomic_save({"activations": acts, "created": time.time()}, path)
         self.seconds += time.perf_counter() - tic
         self.images += len(acts)

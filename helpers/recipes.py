@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -90,12 +92,13 @@ def cached_probs(net: nn.Module, cache: ActivationCache, dataset: datasets.Image
 
 def fit_cached(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
                device: torch.device, progress: bool = True, log: Log = print,
-               start: float | None = None,
-               phases: dict[str, float] | None = None) -> list[dict[str, float]]:
+               start: float | None = None, phases: dict[str, float] | None = None,
+               tracker: BestEpoch | None = None, resume: dict | None = None,
+               ) -> list[dict[str, float]]:
     """Linear probe, then fine-tune the backbone's tail and the head on cached activations.
 
     `phases`, when given, receives the seconds spent extracting (and the number of images),
-    probing and fine-tuning.
+    probing and fine-tuning. `resume` is a resumable state saved by an earlier run.
     """
     start = time.perf_counter() if start is None else start
     phases = {} if phases is None else phases
@@ -105,11 +108,15 @@ def fit_cached(model: Classifier, sets: dict[str, datasets.ImageFolder], config:
     net = CachedModel(cache.tail, model.head).to(device)
     y_train, y_valid = _labels(sets["train"]), _labels(sets["valid"])
     x_train = cache.get(sets["train"], "centre")
-    tracker = BestEpoch(model, config.epochs, log, start)
+    tracker = tracker or BestEpoch(net, config.epochs, log, start)
+    tracker.model = net
+
+    def validate() -> dict[str, float]:
+        return accuracy(cached_probs(net, cache, sets["valid"], device, config), y_valid)
 
     # Linear probe: the head alone on pooled features, computed once through the frozen tail.
     tic, extracted = time.perf_counter(), cache.seconds
-    if config.probe_epochs > 0:
+    if config.probe_epochs > 0 and resume is None:
         features = _pooled(cache.tail, x_train, device, config.fast)
         model.head.requires_grad_(True)
         optimizer = _adamw([(list(model.head.parameters()), config.learning_rate)],
@@ -120,8 +127,7 @@ def fit_cached(model: Classifier, sets: dict[str, datasets.ImageFolder], config:
         for _ in range(config.probe_epochs):
             trained = train_one_epoch(model.head, loader, optimizer, device, False, False,
                                       scheduler, loss_fn)
-        valid = accuracy(cached_probs(net, cache, sets["valid"], device, config), y_valid)
-        tracker.update(trained, valid, epoch=0)
+        tracker.update(trained, validate(), epoch=0)
     phases["probe"] = time.perf_counter() - tic - (cache.seconds - extracted)
 
     # Fine-tune the tail and the head on the centre and augmented views of every image.
@@ -130,25 +136,18 @@ def fit_cached(model: Classifier, sets: dict[str, datasets.ImageFolder], config:
     x_all, y_all = torch.cat(views), y_train.repeat(len(views))
     del views
     tic, extracted = time.perf_counter(), cache.seconds
-    cache.tail.requires_grad_(True)
-    model.head.requires_grad_(True)
+    net.requires_grad_(True)
     optimizer = _adamw([(list(cache.tail.parameters()), config.backbone_lr),
                         (list(model.head.parameters()), config.learning_rate)],
                        config.weight_decay)
     loader = _tensor_loader(x_all, y_all, config.batch_size, shuffle=True, seed=config.seed)
     scheduler = _one_cycle(optimizer, config.epochs * len(loader))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    for _ in range(config.epochs):
-        trained = train_one_epoch(net, loader, optimizer, device, config.fast, progress,
-                                  scheduler, loss_fn)
-        valid = accuracy(cached_probs(net, cache, sets["valid"], device, config), y_valid)
-        tracker.update(trained, valid)
-    history = tracker.finish()
+    history = fit(net, {"train": loader}, config, device, progress, log, optimizer, scheduler,
+                  start, validate, tracker, resume)
     phases["finetune"] = time.perf_counter() - tic - (cache.seconds - extracted)
     phases["extract"], phases["extract_images"] = cache.seconds, cache.images
     model.requires_grad_(False)
-    for module in (cache.tail, model.head):  # what was trained stays trainable, as reported
-        module.requires_grad_(True)
+    net.requires_grad_(True)  # what was trained stays trainable, as counted
     model.eval()
     return history
 
@@ -173,7 +172,8 @@ def predict_features(net: nn.Module, loader: DataLoader, device: torch.device,
 
 def fit_full(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
              device: torch.device, progress: bool = True, log: Log = print,
-             start: float | None = None) -> list[dict[str, float]]:
+             start: float | None = None, tracker: BestEpoch | None = None,
+             resume: dict | None = None) -> list[dict[str, float]]:
     """Fine-tune the whole network on augmented images: AdamW, one-cycle, label smoothing."""
     model.requires_grad_(True)
     loaders = make_loaders(sets, config.batch_size, seed=config.seed)
@@ -181,27 +181,36 @@ def fit_full(model: Classifier, sets: dict[str, datasets.ImageFolder], config: T
                         (list(model.head.parameters()), config.learning_rate)],
                        config.weight_decay)
     scheduler = _one_cycle(optimizer, config.epochs * len(loaders["train"]))
-    return fit(model, loaders, config, device, progress, log, optimizer, scheduler, start)
+    return fit(model, loaders, config, device, progress, log, optimizer, scheduler, start,
+               tracker=tracker, resume=resume)
 
 
 def run_recipe(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
                device: torch.device, progress: bool = True, log: Log = print,
-               start: float | None = None,
-               phases: dict[str, float] | None = None) -> list[dict[str, float]]:
+               start: float | None = None, phases: dict[str, float] | None = None,
+               state_path: str | os.PathLike | None = None,
+               resume: dict | None = None) -> list[dict[str, float]]:
     """Train `model` by the recipe of config (see the module docstring); returns the history.
 
-    `phases`, when given, receives the wall time of each phase in seconds.
+    `phases`, when given, receives the wall time of each phase in seconds. With
+    `state_path`, a resumable state is written there after every epoch; `resume` is such a
+    state (see load_resume), to continue an interrupted run.
     """
     recipe = resolve_recipe(config, device)
     phases = {} if phases is None else phases
+    extra = {"resume_config": asdict(config), "class_to_idx": model.class_to_idx,
+             "class_names": model.class_names}
+    tracker = BestEpoch(model, config.epochs, log, start, state_path, extra)
     if recipe == "cached":
-        return fit_cached(model, sets, config, device, progress, log, start, phases)
+        return fit_cached(model, sets, config, device, progress, log, start, phases, tracker,
+                          resume)
     tic = time.perf_counter()
     if recipe == "full":
-        history = fit_full(model, sets, config, device, progress, log, start)
+        history = fit_full(model, sets, config, device, progress, log, start, tracker, resume)
     elif recipe == "course":
         loaders = make_loaders(sets, config.batch_size, seed=config.seed)
-        history = fit(model, loaders, config, device, progress, log, start=start)
+        history = fit(model, loaders, config, device, progress, log, start=start,
+                      tracker=tracker, resume=resume)
     else:
         raise ValueError(f"unknown recipe {recipe!r}; choose auto, cached, full or course")
     phases["train"] = time.perf_counter() - tic

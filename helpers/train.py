@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import random
 import time
 from collections.abc import Callable
@@ -84,12 +85,20 @@ def _batches(loader: DataLoader, device: torch.device, fast: bool, desc: str, pr
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     device: torch.device, fast: bool = True, progress: bool = True,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    loss_fn: nn.Module | None = None) -> dict[str, float]:
-    """One pass over the training data; returns the mean loss and accuracy over samples."""
+                    loss_fn: nn.Module | None = None, skip: int = 0,
+                    on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One pass over the training data; returns the mean loss and accuracy over samples.
+
+    The first `skip` batches are passed over (a resumed epoch); on_step(n) is told after
+    each optimizer step how many batches of the epoch are done.
+    """
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for bar, inputs, labels in _batches(loader, device, fast, "train", progress):
+    for step, (bar, inputs, labels) in enumerate(_batches(loader, device, fast, "train",
+                                                          progress), 1):
+        if step <= skip:
+            continue
         with autocast(device, fast):
             logits = model(inputs).float()
         loss = loss_fn(logits, labels)
@@ -98,6 +107,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if on_step is not None:
+            on_step(step)
         total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
@@ -140,11 +151,15 @@ def fit(model: nn.Module, loaders: dict[str, DataLoader], config: TrainConfig,
         device: torch.device, progress: bool = True, log: Callable[[str], None] | None = print,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-        start: float | None = None) -> list[dict[str, float]]:
+        start: float | None = None,
+        validate: Callable[[], dict[str, float]] | None = None,
+        tracker: BestEpoch | None = None, resume: dict | None = None) -> list[dict[str, float]]:
     """Train for config.epochs, validate after each, keep the best epoch; returns the history.
 
     Without an optimizer this is the course recipe: Adam on the trainable parameters.
-    A scheduler, if given, steps after every batch. `start` is the clock the times count from.
+    A scheduler, if given, steps after every batch. `validate` replaces the evaluation of
+    loaders["valid"]. A `tracker` may save a resumable state after every epoch; `resume`
+    is such a state, to continue from.
     """
     model.to(device)
     if config.fast:
@@ -152,26 +167,58 @@ def fit(model: nn.Module, loaders: dict[str, DataLoader], config: TrainConfig,
     if optimizer is None:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+    validate = validate or (lambda: evaluate(model, loaders["valid"], device, config.fast,
+                                             progress, config.tta))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    tracker = BestEpoch(model, config.epochs, log, start)
-    for _ in range(config.epochs):
-        trained = train_one_epoch(model, loaders["train"], optimizer, device, config.fast,
-                                  progress, scheduler, loss_fn)
-        valid = evaluate(model, loaders["valid"], device, config.fast, progress, config.tta)
-        tracker.update(trained, valid)
+    tracker = tracker or BestEpoch(model, config.epochs, log, start)
+    tracker.attach(model, optimizer, scheduler)
+    if resume is not None:
+        tracker.restore(resume)
+    for epoch in range(tracker.epoch + 1, config.epochs + 1):
+        # The order of each epoch depends only on (seed, epoch): a resumed run sees the same.
+        loaders["train"].generator.manual_seed(config.seed * 1000 + epoch)
+        try:
+            trained = train_one_epoch(model, loaders["train"], optimizer, device, config.fast,
+                                      progress, scheduler, loss_fn, tracker.batches_done,
+                                      tracker.step_done)
+        except KeyboardInterrupt:
+            tracker.save()  # this epoch's finished batches, resumable
+            raise
+        tracker.batches_done = 0
+        tracker.update(trained, validate())
     return tracker.finish()
 
 
 class BestEpoch:
-    """Epoch bookkeeping: the history rows, the log line, and the weights of the best epoch."""
+    """Epoch bookkeeping: history rows, the log line, the best epoch's weights, and the
+    resumable state written after every epoch (to `state_path`, when given)."""
 
     def __init__(self, model: nn.Module, epochs: int, log: Callable[[str], None] | None,
-                 start: float | None = None) -> None:
+                 start: float | None = None, state_path: str | os.PathLike | None = None,
+                 extra: dict | None = None) -> None:
         self.model, self.epochs, self.log = model, epochs, log
         self.start = start if start is not None else time.perf_counter()
+        self.state_path, self.extra = state_path, extra or {}
         self.history: list[dict[str, float]] = []
         self.epoch = 0
         self.best_top1, self.best_state = -1.0, None
+        self.optimizer = self.scheduler = None
+        self.batches_done = 0  # of the epoch under way
+
+    def step_done(self, batches: int) -> None:
+        """Note how many batches of the current epoch are done."""
+        self.batches_done = batches
+
+    def save(self) -> None:
+        """Write the resumable state now, when there is a state path."""
+        if self.state_path:
+            from .checkpoint import atomic_save
+
+            atomic_save(self.state(), self.state_path)
+
+    def attach(self, model: nn.Module, optimizer, scheduler) -> None:
+        """The model, optimizer and scheduler whose state a resumable checkpoint holds."""
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
 
     def update(self, trained: dict[str, float], valid: dict[str, float],
                epoch: int | None = None) -> None:
@@ -189,6 +236,37 @@ class BestEpoch:
         if valid["top1"] > self.best_top1:
             self.best_top1 = valid["top1"]
             self.best_state = copy.deepcopy(self.model.state_dict())
+        self.save()
+
+    def state(self) -> dict:
+        """A resumable checkpoint: tensors and plain values only (loads with weights_only)."""
+        np_state = np.random.get_state()
+        return {"kind": "resume", "epoch": self.epoch, "batches_done": self.batches_done,
+                "history": self.history,
+                "best_top1": self.best_top1, "best_state": self.best_state,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+                        "numpy_pos": int(np_state[2])},
+                **self.extra}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a resumable checkpoint: weights, optimizer, schedule, RNG, history."""
+        self.epoch, self.history = state["epoch"], list(state["history"])
+        self.batches_done = state["batches_done"]
+        self.best_top1, self.best_state = state["best_top1"], state["best_state"]
+        self.model.load_state_dict(state["model"])
+        if self.optimizer and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate((3, tuple(rng["python"]), None))
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32),
+                             rng["numpy_pos"], 0, 0.0))
 
     def finish(self) -> list[dict[str, float]]:
         """Restore the best epoch's weights; returns the history."""
