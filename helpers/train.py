@@ -26,7 +26,7 @@ class TrainConfig:
     hidden_units: int = 0  # 0: a linear head; the course recipe uses 512
     dropout: float = 0.2
     learning_rate: float = 3e-3  # of the head (Adam in the course recipe, AdamW otherwise)
-    backbone_lr: float = 3e-4  # of the fine-tuned backbone layers
+    backbone_lr: float = 1e-3  # of the fine-tuned backbone layers
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     epochs: int = 4
