@@ -3,7 +3,8 @@
     python examples/onnx_predict.py checkpoint.onnx photo.jpg [--top_k 5]
 
 Everything needed to prepare the image and name the classes is read from the model's
-metadata, so this file stands alone: no torch, no helpers package.
+metadata, so this file stands alone: no torch, no helpers package. The probabilities are
+already calibrated inside the graph (the logits are divided by the fitted temperature).
 """
 
 import argparse
@@ -47,6 +48,9 @@ def main() -> None:
     names = json.loads(meta["class_names"])
     for rank, i in enumerate(np.argsort(probs)[::-1][: args.top_k], 1):
         print(f"{rank}. {names[i]}  {probs[i]:.2%}")
+    threshold = float(meta.get("unsure_below", 0.0))  # absent from older exports: never unsure
+    if probs.max() < threshold:
+        print(f"unsure: top probability {probs.max():.2%} below the threshold {threshold:.2%}")
 
 
 if __name__ == "__main__":

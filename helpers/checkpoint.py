@@ -45,6 +45,8 @@ def checkpoint_dict(model: Classifier, config: Any = None,
         "input_size": spec.input_size,
         "resize_size": spec.resize_size,
         "interpolation": spec.interpolation,
+        "temperature": float(getattr(model, "temperature", 1.0)),
+        "unsure_below": float(getattr(model, "unsure_below", 0.0)),
         "config": asdict(config) if config is not None else {},
         "metrics": dict(metrics or {}),
         "versions": {"helpers": __version__, "torch": str(torch.__version__),
@@ -121,6 +123,9 @@ def load_checkpoint(path: str | os.PathLike,
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit the {ckpt['arch']} model ({first})"
                               ) from None
+    # Checkpoints written before calibration existed: plain softmax, never unsure.
+    model.temperature = float(ckpt.get("temperature", 1.0))
+    model.unsure_below = float(ckpt.get("unsure_below", 0.0))
     return model.to(device).eval(), ckpt
 
 

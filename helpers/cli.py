@@ -94,7 +94,7 @@ def _device(gpu: bool):
 
 def _train(args: argparse.Namespace, data_root: Path, out: Path, device) -> tuple:
     """Load the data, build and train the model, evaluate valid/test, save the checkpoint."""
-    from . import backbones, checkpoint, data, model, recipes, train
+    from . import backbones, checkpoint, data, evaluate, model, recipes, train
 
     resume = checkpoint.read_resume(args.resume) if getattr(args, "resume", None) else None
     config = TrainConfig(**resume["resume_config"]) if resume else _config(args)
@@ -120,10 +120,16 @@ def _train(args: argparse.Namespace, data_root: Path, out: Path, device) -> tupl
         raise
     counts = model.count_parameters(clf)
     print(f"trained {counts['trainable']:,} parameters, {counts['frozen']:,} frozen")
-    metrics = {split: recipes.evaluate_split(clf, sets[split], config, device)
-               for split in ("valid", "test") if split in sets}
+    probs = {split: recipes.split_probs(clf, sets[split], config, device)
+             for split in ("valid", "test") if split in sets}
+    metrics: dict = {split: train.accuracy(*p) for split, p in probs.items()}
     for split, m in metrics.items():
         print(f"{split}: top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  ({m['n']} images)")
+    if "valid" in probs:  # the temperature and unsure threshold travel in the checkpoint
+        metrics["calibration"] = c = evaluate.calibrate(clf, *probs["valid"])
+        print(f"calibrated on valid: temperature {c['temperature']:.2f}, ECE "
+              f"{c['ece_before']:.1%} -> {c['ece_after']:.1%}, unsure below "
+              f"{c['unsure_below']:.0%}")
     metrics["seconds"] = time.perf_counter() - start
     path = checkpoint.save_checkpoint(clf, out / "checkpoint.pth", config,
                                       {"history": history, **metrics})
@@ -182,7 +188,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         r = predict.predict(path, model, topk=args.top_k)
         results.append({"image": str(path), "predictions": [
             {"name": n, "class": c, "probability": round(p, 6)}
-            for p, c, n in zip(r.probs, r.classes, r.names, strict=True)]})
+            for p, c, n in zip(r.probs, r.classes, r.names, strict=True)],
+            "unsure": r.is_unsure(model.unsure_below)})
     if args.json:
         print(json.dumps(results if target.is_dir() else results[0], indent=2))
         return
@@ -191,6 +198,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
             print(item["image"])
         for rank, pred in enumerate(item["predictions"], 1):
             print(f"{rank}. {pred['name']}  {pred['probability']:.2%}  (class {pred['class']})")
+        if item["unsure"]:
+            print(f"unsure: top probability {item['predictions'][0]['probability']:.2%} below "
+                  f"the threshold {model.unsure_below:.2%}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -26,14 +26,18 @@ from .predict import process_for
 
 
 class Probabilities(nn.Module):
-    """The classifier followed by a softmax: what an application wants."""
+    """The classifier, its temperature and a softmax: calibrated probabilities, as predict."""
 
     def __init__(self, model: Classifier) -> None:
         super().__init__()
         self.model = model
+        self.temperature = float(getattr(model, "temperature", 1.0))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images).softmax(dim=1)
+        logits = self.model(images)
+        if self.temperature != 1.0:  # no extra node in the graph of an uncalibrated model
+            logits = logits / self.temperature
+        return logits.softmax(dim=1)
 
 
 def metadata(model: Classifier) -> dict[str, str]:
@@ -43,7 +47,9 @@ def metadata(model: Classifier) -> dict[str, str]:
             "class_ids": json.dumps([model.idx_to_class[i] for i in range(len(model.class_names))]),
             "mean": json.dumps(list(spec.mean)), "std": json.dumps(list(spec.std)),
             "input_size": str(spec.input_size), "resize_size": str(spec.resize_size),
-            "interpolation": spec.interpolation, "output": "probabilities"}
+            "interpolation": spec.interpolation, "output": "probabilities",
+            "temperature": repr(float(getattr(model, "temperature", 1.0))),
+            "unsure_below": repr(float(getattr(model, "unsure_below", 0.0)))}
 
 
 def _quiet():
@@ -112,8 +118,10 @@ def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, path: str | o
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         out = Path(tmp) / "int8.onnx"
-        # The softmax stays in float: quantized probabilities would move in steps of 1/255.
-        softmax = [n.name for n in onnx.load(prepared).graph.node if n.op_type == "Softmax"]
+        # The softmax (and the temperature's division before it) stays in float: quantized
+        # probabilities would move in steps of 1/255.
+        softmax = [n.name for n in onnx.load(prepared).graph.node
+                   if n.op_type in ("Softmax", "Div")]
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=softmax)

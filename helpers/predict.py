@@ -22,6 +22,11 @@ class Prediction(NamedTuple):
     classes: list[str]
     names: list[str]
 
+    def is_unsure(self, threshold: float) -> bool:
+        """True when the top probability is below `threshold` (a model's unsure_below)."""
+        # A method, not a fourth field: `probs, classes, names = predict(...)` keeps working.
+        return bool(self.probs) and self.probs[0] < threshold
+
 
 def process_image(image: str | os.PathLike | Image.Image, size: int = 224, resize: int = 256,
                   mean: tuple[float, ...] = (0.5, 0.5, 0.5),
@@ -49,6 +54,13 @@ def process_for(model: Classifier, image: str | os.PathLike | Image.Image) -> np
                          spec.interpolation)
 
 
+def view_for(model: Classifier, image: str | os.PathLike | Image.Image) -> np.ndarray:
+    """The centre crop the model sees, as an H x W x 3 RGB array in 0..1, for display."""
+    spec = model.spec
+    return process_image(image, spec.input_size, spec.resize_size, (0.0,) * 3, (1.0,) * 3,
+                         spec.interpolation).transpose(1, 2, 0)
+
+
 def imshow(array: np.ndarray | torch.Tensor, ax=None, title: str | None = None,
            mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
     """Show a processed 3 x H x W image: undo the normalisation and draw it on ax."""
@@ -68,11 +80,16 @@ def imshow(array: np.ndarray | torch.Tensor, ax=None, title: str | None = None,
 @torch.inference_mode()
 def predict(image: str | os.PathLike | Image.Image, model: Classifier, topk: int = 5,
             device: str | torch.device | None = None) -> Prediction:
-    """The top-K probabilities, class folders and flower names for one image, highest first."""
+    """The top-K calibrated probabilities, class folders and flower names, highest first.
+
+    The probabilities are softmax(logits / model.temperature); `result.is_unsure(
+    model.unsure_below)` says whether the top one is too low to trust.
+    """
     device = torch.device(device) if device else next(model.parameters()).device
     x = torch.from_numpy(process_for(model, image))[None].to(device)
     model.to(device).eval()
-    probs = model(x).float().softmax(dim=1)[0]
+    temperature = float(getattr(model, "temperature", 1.0))
+    probs = (model(x).float() / temperature).softmax(dim=1)[0]
     top = probs.topk(min(topk, probs.numel()))
     indices = top.indices.tolist()
     return Prediction(top.values.tolist(), [model.idx_to_class[i] for i in indices],

@@ -29,7 +29,6 @@ from .train import (
     TrainConfig,
     accuracy,
     autocast,
-    evaluate,
     fit,
     predict_probs,
     train_one_epoch,
@@ -217,9 +216,9 @@ def run_recipe(model: Classifier, sets: dict[str, datasets.ImageFolder], config:
     return history
 
 
-def evaluate_split(model: Classifier, dataset: datasets.ImageFolder, config: TrainConfig,
-                   device: torch.device, progress: bool = False) -> dict[str, float]:
-    """Top-1/top-5 of a trained model on an eval-transformed dataset.
+def split_probs(model: Classifier, dataset: datasets.ImageFolder, config: TrainConfig,
+                device: torch.device, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities (plain softmax, no temperature) and labels of an eval dataset.
 
     After the cached recipe the frozen trunk's activations come from (or go to) the cache:
     the trunk is unchanged by training, so they are what the whole model would compute.
@@ -228,6 +227,12 @@ def evaluate_split(model: Classifier, dataset: datasets.ImageFolder, config: Tra
         cache = ActivationCache(model.spec, model.backbone, config.tail_stages, device,
                                 progress=progress)
         net = CachedModel(cache.tail, model.head)
-        return accuracy(cached_probs(net, cache, dataset, device, config), _labels(dataset))
+        return cached_probs(net, cache, dataset, device, config), _labels(dataset)
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=1)
-    return evaluate(model, loader, device, config.fast, progress, config.tta)
+    return predict_probs(model, loader, device, config.fast, progress, config.tta)
+
+
+def evaluate_split(model: Classifier, dataset: datasets.ImageFolder, config: TrainConfig,
+                   device: torch.device, progress: bool = False) -> dict[str, float]:
+    """Top-1/top-5 of a trained model on an eval-transformed dataset (see split_probs)."""
+    return accuracy(*split_probs(model, dataset, config, device, progress))

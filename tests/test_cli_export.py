@@ -47,6 +47,9 @@ def test_train_script_trains_and_saves(folder, tmp_path):
     assert f"checkpoint: {tmp_path / 'out' / 'checkpoint.pth'}" in done.stdout
     saved = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
     assert saved["config"]["seed"] == 1 and saved["head"]["hidden_units"] == 8
+    assert "calibrated on valid: temperature" in done.stdout  # fitted on valid, saved
+    assert saved["temperature"] == saved["metrics"]["calibration"]["temperature"] > 0
+    assert 0.0 <= saved["unsure_below"] <= 1.0
 
 
 def test_predict_script_text_json_and_folder(folder, ckpt):
