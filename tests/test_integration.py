@@ -25,7 +25,8 @@ def test_pipeline_command_trains_saves_predicts_and_charts(tmp_path, capsys):
     assert ckpt["class_to_idx"] == {"1": 0, "10": 1, "2": 2}
     assert ckpt["class_names"] == ["pink primrose", "globe thistle", "hard-leaved pocket orchid"]
     summary = json.loads((out / "metrics.json").read_text())
-    assert len(summary["history"]) == 2 and 0 <= summary["test"]["top1"] <= 1
+    assert [r["epoch"] for r in summary["history"]] == [0, 1, 2]  # the probe, then 2 epochs
+    assert 0 <= summary["test"]["top1"] <= 1
 
 
 def test_pipeline_reports_a_missing_folder_in_one_line(tmp_path, capsys):

@@ -45,8 +45,10 @@ def test_notebook_runs_top_to_bottom_and_draws_the_sanity_check(real_data, tmp_p
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    last = [c for c in nb.cells if c.cell_type == "code"][-1]
-    assert any("image/png" in o.get("data", {}) for o in last.outputs)
+    for call in ("plot_prediction_grid", "plot_gradcam", "plot_confusion", "plot_reliability"):
+        cell = next(c for c in nb.cells if c.cell_type == "code" and call in c.source)
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs), call
     assert (tmp_path / "build" / "notebook" / "checkpoint.pth").is_file()
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "recipe: cached" in printed and "reloaded test top-1" in printed
+    assert "test ECE" in printed and "unsure below" in printed
