@@ -61,6 +61,19 @@ def _quiet():
     return stack
 
 
+def _save_with_metadata(proto, model: Classifier, path: Path) -> Path:
+    """Write an ONNX model carrying the model's metadata, atomically (temporary file, rename)."""
+    import onnx
+
+    del proto.metadata_props[:]
+    for key, value in metadata(model).items():
+        proto.metadata_props.add(key=key, value=value)
+    tmp_path = path.with_name(f".{path.name}.tmp")
+    onnx.save(proto, tmp_path)
+    os.replace(tmp_path, path)
+    return path
+
+
 def export_onnx(model: Classifier, path: str | os.PathLike) -> Path:
     """One self-contained ONNX file (weights inside) with a dynamic batch and metadata."""
     import onnx
@@ -75,12 +88,7 @@ def export_onnx(model: Classifier, path: str | os.PathLike) -> Path:
                           verbose=False, input_names=["images"], output_names=["probabilities"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
         proto = onnx.load(raw)
-    for key, value in metadata(model).items():
-        proto.metadata_props.add(key=key, value=value)
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    onnx.save(proto, tmp_path)
-    os.replace(tmp_path, path)
-    return path
+    return _save_with_metadata(proto, model, path)
 
 
 def _calibration_images(folder: str | os.PathLike, count: int) -> list[Path]:
@@ -126,13 +134,7 @@ def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, path: str | o
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=softmax)
         proto = onnx.load(out)
-    del proto.metadata_props[:]
-    for key, value in metadata(model).items():
-        proto.metadata_props.add(key=key, value=value)
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    onnx.save(proto, tmp_path)
-    os.replace(tmp_path, path)
-    return path
+    return _save_with_metadata(proto, model, path)
 
 
 def export_torch(model: Classifier, path: str | os.PathLike) -> Path:
