@@ -185,6 +185,15 @@ def table(runs: list[dict], summary: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The processor's model name, as /proc/cpuinfo gives it where there is one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def export_table(rows: dict) -> str:
     """Size, test accuracy and single-image latency of each way to run the model."""
     lines = ["| model | size MB | test top-1 | latency p50 ms | latency p95 ms |",
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                         saved if s == seeds[0] else None) for s in seeds]
         exports = _child("export", 0, data_root, args.quick, Path(tmp) / "export.json", saved)
     summary = summarize(runs)
-    report = {"date": date.today().isoformat(), "machine": f"{platform.processor() or 'cpu'}, "
+    report = {"date": date.today().isoformat(), "machine": f"{cpu_name()}, "
               f"{os.cpu_count()} cores, torch {torch.__version__}", "quick": args.quick,
               "data": str(data_root), "summary": summary, "runs": runs, "exports": exports}
     args.json.write_text(json.dumps(report, indent=2, default=str))
