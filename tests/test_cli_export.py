@@ -160,3 +160,30 @@ def test_int8_export_is_small_and_runs(folder, ckpt, tmp_path):
     x = process_image(Image.open(folder / "test" / "1" / "img_0.jpg"))[None]
     probs = session.run(None, {"images": x})[0]
     assert probs.shape == (1, 3) and abs(probs.sum() - 1) < 1e-3
+
+
+def test_exports_match_pytorch_on_60_real_test_images(real_data, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    folders = sorted(p.name for p in (real_data / "test").iterdir())
+    torch.manual_seed(0)
+    clf = model.build_model("efficientnet_lite0", {c: i for i, c in enumerate(folders)},
+                            hidden_units=0).eval()
+    with torch.no_grad():
+        clf.head[1].weight.mul_(20)  # peaked, like a trained model's, not a flat random one
+    clf.temperature = 0.5  # the exports must apply the calibration too
+    images = sorted((real_data / "test").rglob("*.jpg"))[::13][:60]
+    assert len(images) == 60
+    x = np.stack([process_image(p) for p in images])
+    with torch.no_grad():
+        expected = (clf(torch.from_numpy(x)) / clf.temperature).softmax(1).numpy()
+    session = ort.InferenceSession(str(export.export_onnx(clf, tmp_path / "m.onnx")))
+    exported = export.load_torch_export(export.export_torch(clf, tmp_path / "m.pt"))
+    with torch.no_grad():
+        via_torch = exported(torch.from_numpy(x)).numpy()
+    for got in (session.run(None, {"images": x})[0], via_torch):
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        # The same top-5: the classes the export ranks first are, in PyTorch's own
+        # probabilities, PyTorch's top-5 (classes tied within 1e-4 may swap places).
+        top5 = np.argsort(-got, axis=1)[:, :5]
+        np.testing.assert_allclose(np.take_along_axis(expected, top5, axis=1),
+                                   -np.sort(-expected, axis=1)[:, :5], atol=1e-4)
