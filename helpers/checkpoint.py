@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -73,8 +74,33 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def save_checkpoint(model: Classifier, path: str | os.PathLike, config: Any = None,
                     metrics: dict[str, Any] | None = None) -> Path:
-    """Write the model, its labels, preprocessing, config and metrics to `path` atomically."""
-    return atomic_save(checkpoint_dict(model, config, metrics), path)
+    """Write the model, its labels, preprocessing, config and metrics to `path` atomically.
+
+    A `.safetensors` path stores the weights in the safetensors format (no pickle at all)
+    and everything else as JSON in its metadata.
+    """
+    ckpt = checkpoint_dict(model, config, metrics)
+    if Path(path).suffix != ".safetensors":
+        return atomic_save(ckpt, path)
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in ckpt.pop("state_dict").items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(weights, tmp, metadata={"checkpoint": json.dumps(ckpt, default=str)})
+    os.replace(tmp, path)
+    return path
+
+
+def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, Any]:
+    """A .safetensors checkpoint: the weights, and the rest from its JSON metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        ckpt = json.loads((f.metadata() or {}).get("checkpoint", "{}"))
+        ckpt["state_dict"] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    return ckpt
 
 
 def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -83,7 +109,8 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; check the path")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = (_read_safetensors(path, device) if path.suffix == ".safetensors" else
+                torch.load(path, map_location=device, weights_only=True))
     except pickle.UnpicklingError as err:
         lines = [ln for ln in str(err).splitlines() if "Unsupported global" in ln]
         if not lines:  # not a pickle at all

@@ -103,3 +103,17 @@ def test_failed_save_keeps_the_previous_file(trained, tmp_path, monkeypatch):
         checkpoint.save_checkpoint(trained, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]  # no temporary file left
+
+
+def test_safetensors_format_round_trip(trained, tmp_path):
+    path = checkpoint.save_checkpoint(trained, tmp_path / "c.safetensors",
+                                      TrainConfig(hidden_units=32), {"test": {"top1": 0.5}})
+    assert path.read_bytes()[8:9] == b"{"  # a safetensors header, not a pickle
+    loaded, ckpt = checkpoint.load_checkpoint(path)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(trained(x), loaded(x))
+    assert loaded.class_names == trained.class_names and ckpt["metrics"]["test"]["top1"] == 0.5
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "bad.safetensors")
