@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import backbones, checkpoint, data, model, recipes, train  # noqa: E402
+from helpers import checkpoint, data, recipes, train  # noqa: E402
 
 
 def run_one(recipe: str, seed: int, data_root: Path, quick: bool,
@@ -42,11 +42,7 @@ def run_one(recipe: str, seed: int, data_root: Path, quick: bool,
         config = train.TrainConfig(seed=seed, **({"epochs": 2, "probe_epochs": 5} if quick else {}))
     device = torch.device("cpu")
     start = time.perf_counter()
-    spec = backbones.get_backbone(config.arch)
-    sets = data.load_datasets(data_root, spec)
-    train.seed_everything(seed)
-    clf = model.build_model(config.arch, sets["train"].class_to_idx,
-                            hidden_units=config.hidden_units, dropout=config.dropout)
+    sets, clf = recipes.prepare(data_root, config)
     phases: dict[str, float] = {}
     history = recipes.run_recipe(clf, sets, config, device, progress=False, log=None,
                                  start=start, phases=phases)

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-from helpers import backbones, data, model, recipes, train
+from helpers import data, recipes, train
 
 
 def main(argv: list[str]) -> None:
@@ -23,12 +23,7 @@ def main(argv: list[str]) -> None:
     config = train.TrainConfig(**changes)
     device = train.get_device()
     start = time.perf_counter()
-    spec = backbones.get_backbone(config.arch)
-    sets = data.load_datasets(data.data_dir(), spec)
-    names = data.class_names(sets["train"].class_to_idx, data.load_category_names())
-    train.seed_everything(config.seed)
-    clf = model.build_model(config.arch, sets["train"].class_to_idx, names, config.hidden_units,
-                            config.dropout)
+    sets, clf = recipes.prepare(data.data_dir(), config)
     history = recipes.run_recipe(clf, sets, config, device, progress=False, start=start)
     trained = time.perf_counter()
     result = {split: recipes.evaluate_split(clf, sets[split], config, device)

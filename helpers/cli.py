@@ -49,7 +49,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="learning rate of the head (default %(default)s; the backbone's "
                         f"fine-tuned layers use --backbone_lr, default {DEFAULTS.backbone_lr})")
     p.add_argument("--backbone_lr", type=float, default=DEFAULTS.backbone_lr,
-                   help=argparse.SUPPRESS)
+                   help="learning rate of the fine-tuned backbone layers (default %(default)s)")
     p.add_argument("--hidden_units", type=int, default=DEFAULTS.hidden_units,
                    help="hidden units of the head (default %(default)s: a linear head; the "
                         "course used 512)")
@@ -94,19 +94,14 @@ def _device(gpu: bool):
 
 def _train(args: argparse.Namespace, data_root: Path, out: Path, device) -> tuple:
     """Load the data, build and train the model, evaluate valid/test, save the checkpoint."""
-    from . import backbones, checkpoint, data, evaluate, model, recipes, train
+    from . import checkpoint, data, evaluate, model, recipes, train
 
     resume = checkpoint.read_resume(args.resume) if getattr(args, "resume", None) else None
     config = TrainConfig(**resume["resume_config"]) if resume else _config(args)
     start = time.perf_counter()
-    spec = backbones.get_backbone(config.arch)
-    sets = data.load_datasets(data_root, spec)
+    sets, clf = recipes.prepare(data_root, config, args.names)
     print(f"data {data_root}: " + ", ".join(f"{s} {v['images']} images / {v['classes']} classes"
                                             for s, v in data.summarize(sets).items()))
-    names = data.class_names(sets["train"].class_to_idx, data.load_category_names(args.names))
-    train.seed_everything(config.seed)
-    clf = model.build_model(config.arch, sets["train"].class_to_idx, names,
-                            config.hidden_units, config.dropout)
     recipe = recipes.resolve_recipe(config, device)
     print(f"model {config.arch} on {device}, recipe {recipe}")
     state = out / "last.pth"

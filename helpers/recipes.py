@@ -21,9 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision import datasets
 
-from .data import make_loaders
+from .backbones import get_backbone
+from .data import class_names, load_category_names, load_datasets, make_loaders
 from .features import ActivationCache
-from .model import Classifier
+from .model import Classifier, build_model
 from .train import (
     BestEpoch,
     TrainConfig,
@@ -31,10 +32,24 @@ from .train import (
     autocast,
     fit,
     predict_probs,
+    seed_everything,
     train_one_epoch,
 )
 
 Log = Callable[[str], None] | None
+
+
+def prepare(data_root: str | os.PathLike, config: TrainConfig,
+            names_file: str | os.PathLike | None = None,
+            ) -> tuple[dict[str, datasets.ImageFolder], Classifier]:
+    """The datasets under data_root and a seeded new model for their classes, named."""
+    spec = get_backbone(config.arch)
+    sets = load_datasets(data_root, spec)
+    names = class_names(sets["train"].class_to_idx, load_category_names(names_file))
+    seed_everything(config.seed)
+    model = build_model(config.arch, sets["train"].class_to_idx, names, config.hidden_units,
+                        config.dropout)
+    return sets, model
 
 
 def resolve_recipe(config: TrainConfig, device: torch.device) -> str:
@@ -155,17 +170,10 @@ def fit_cached(model: Classifier, sets: dict[str, datasets.ImageFolder], config:
 def _pooled(tail: nn.Module, x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor:
     """The frozen tail's pooled features of cached activations, in float32 on the CPU."""
     tail.eval().to(device)
-    loader = _tensor_loader(x, torch.zeros(len(x), dtype=torch.long), 256)
-    return predict_features(tail, loader, device, fast)
-
-
-def predict_features(net: nn.Module, loader: DataLoader, device: torch.device,
-                     fast: bool) -> torch.Tensor:
-    """The outputs of `net` for every batch of the loader, float32 on the CPU."""
     outputs = []
-    for x, _ in loader:
+    for batch in x.split(256):
         with autocast(device, fast):
-            outputs.append(net(x.to(device)).float().cpu())
+            outputs.append(tail(batch.to(device)).float().cpu())
     return torch.cat(outputs)
 
 
@@ -193,7 +201,7 @@ def run_recipe(model: Classifier, sets: dict[str, datasets.ImageFolder], config:
 
     `phases`, when given, receives the wall time of each phase in seconds. With
     `state_path`, a resumable state is written there after every epoch; `resume` is such a
-    state (see load_resume), to continue an interrupted run.
+    state (checkpoint.read_resume), to continue an interrupted run.
     """
     recipe = resolve_recipe(config, device)
     phases = {} if phases is None else phases
