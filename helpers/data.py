@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import warnings
 from collections import Counter
@@ -15,12 +15,13 @@ from torchvision.transforms import InterpolationMode
 
 from .backbones import Backbone
 from .images import check_image, is_image_file, open_image
+from .runtime import Distributed, UserError, ignore_stop_signals
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "valid", "test")
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """The data folder or a names file is missing or malformed; the message says what to do."""
 
 
@@ -114,43 +115,42 @@ def load_datasets(root: str | os.PathLike, spec: Backbone, splits: tuple[str, ..
     return found
 
 
-def make_loaders(datasets_: dict[str, datasets.ImageFolder], batch_size: int = 64,
-                 num_workers: int | None = None, seed: int = 0) -> dict[str, DataLoader]:
-    """DataLoaders: train shuffled with a seeded generator, the others in order."""
+def make_loaders(datasets_: dict[str, datasets.ImageFolder], *, batch_size: int = 64,
+                 num_workers: int | None = None, dist: Distributed | None = None,
+                 ) -> dict[str, DataLoader]:
+    """DataLoaders: train shuffled (by a generator the training loop reseeds every epoch, or
+    sharded by a DistributedSampler across processes), the others in order."""
     if num_workers is None:
         num_workers = min(4, max(1, (os.cpu_count() or 1) - 1))
     loaders = {}
     for split, ds in datasets_.items():
+        shuffle, sampler = split == "train", None
+        if shuffle and dist is not None and dist.world_size > 1:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank,
+                                         shuffle=True, drop_last=True)
+            shuffle = False
         loaders[split] = DataLoader(
-            ds, batch_size=batch_size, shuffle=split == "train", num_workers=num_workers,
-            generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+            ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+            num_workers=num_workers, generator=torch.Generator(),
+            worker_init_fn=ignore_stop_signals, persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )
     return loaders
 
 
-def load_category_names(path: str | os.PathLike | None = None) -> dict[str, str]:
-    """Class folder -> flower name from a JSON file (default: the project's cat_to_name.json)."""
-    path = Path(path) if path else PROJECT_ROOT / "cat_to_name.json"
-    try:
-        names = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such names file; give a JSON file of class -> name") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err}); fix or remove the names file") from None
-    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
-        raise DataError(f'{path}: expected a JSON object like {{"1": "pink primrose"}}')
-    return {str(k): v for k, v in names.items()}
-
-
-def class_names(class_to_idx: dict[str, int], names: dict[str, str] | None = None) -> list[str]:
-    """The name of each output index: index -> class folder -> name (folder name if unnamed)."""
-    by_index = sorted(class_to_idx.items(), key=lambda item: item[1])
-    missing = [folder for folder, _ in by_index if names and folder not in names]
-    if missing:
-        warnings.warn(f"no name for class folder(s) {', '.join(missing[:5])} in the names file; "
-                      "using the folder names", stacklevel=2)
-    return [(names or {}).get(folder, folder) for folder, _ in by_index]
+def files_digest(datasets_: dict[str, datasets.ImageFolder], root: str | os.PathLike) -> str:
+    """A sha256 of what a run trained on: every split's files (path relative to root, size,
+    class), so a resumable state is never continued on other data."""
+    h = hashlib.sha256()
+    for split in sorted(datasets_):
+        ds = datasets_[split]
+        h.update(f"{split}\0{sorted(ds.class_to_idx.items())}\n".encode())
+        for path, label in ds.samples:
+            rel = os.path.relpath(path, root)
+            h.update(f"{rel}\0{os.path.getsize(path)}\0{label}\n".encode())
+    return h.hexdigest()
 
 
 def summarize(datasets_: dict[str, datasets.ImageFolder]) -> dict[str, dict[str, int]]:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .images import is_image_file
+from .images import ImageError, is_image_file, process_image
 from .model import Classifier
-from .predict import process_for
+from .runtime import atomic_write, atomic_write_bytes
 
 
 class Probabilities(nn.Module):
@@ -38,6 +38,13 @@ class Probabilities(nn.Module):
         if self.temperature != 1.0:  # no extra node in the graph of an uncalibrated model
             logits = logits / self.temperature
         return logits.softmax(dim=1)
+
+
+def preprocess_for(model: Classifier, image) -> np.ndarray:
+    """images.process_image with the model's own input size, resize and normalisation."""
+    spec = model.spec
+    return process_image(image, spec.input_size, spec.resize_size, spec.mean, spec.std,
+                         spec.interpolation)
 
 
 def metadata(model: Classifier) -> dict[str, str]:
@@ -61,41 +68,42 @@ def _quiet():
     return stack
 
 
-def _save_with_metadata(proto, model: Classifier, path: Path) -> Path:
-    """Write an ONNX model carrying the model's metadata, atomically (temporary file, rename)."""
-    import onnx
-
+def save_with_metadata(proto, path: str | os.PathLike, values: dict[str, str]) -> Path:
+    """Write an ONNX model whose metadata is `values`, atomically (temporary file, rename)."""
     del proto.metadata_props[:]
-    for key, value in metadata(model).items():
+    for key, value in values.items():
         proto.metadata_props.add(key=key, value=value)
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    onnx.save(proto, tmp_path)
-    os.replace(tmp_path, path)
-    return path
+    return atomic_write_bytes(proto.SerializeToString(), path)
 
 
-def export_onnx(model: Classifier, path: str | os.PathLike) -> Path:
-    """One self-contained ONNX file (weights inside) with a dynamic batch and metadata."""
+def export_onnx(model: Classifier, path: str | os.PathLike, *, output: str = "probabilities",
+                extra: dict[str, str] | None = None) -> Path:
+    """One self-contained ONNX file (weights inside) with a dynamic batch and metadata.
+
+    The graph returns calibrated probabilities, or raw logits with output="logits" (the
+    prediction engine applies the temperature itself).
+    """
     import onnx
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     size = model.spec.input_size
-    wrapper = Probabilities(copy.deepcopy(model).float().cpu().eval())
+    module = copy.deepcopy(model).float().cpu().eval()
+    wrapper = Probabilities(module) if output == "probabilities" else module
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         raw = Path(tmp) / "model.onnx"
         torch.onnx.export(wrapper, (torch.zeros(2, 3, size, size),), raw, dynamo=True,
-                          verbose=False, input_names=["images"], output_names=["probabilities"],
+                          verbose=False, input_names=["images"], output_names=[output],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
         proto = onnx.load(raw)
-    return _save_with_metadata(proto, model, path)
+    return save_with_metadata(proto, path, metadata(model) | {"output": output} | (extra or {}))
 
 
 def _calibration_images(folder: str | os.PathLike, count: int) -> list[Path]:
     """Up to `count` images spread evenly over a folder tree (every class represented)."""
     images = sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image_file(p))
     if not images:
-        raise ValueError(f"{folder}: no images to calibrate the int8 model with")
+        raise ImageError(f"{folder}: no images to calibrate the int8 model with; give a folder "
+                         "of training images")
     step = max(1, len(images) // count)
     return images[::step][:count]
 
@@ -112,7 +120,8 @@ def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, path: str | o
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    batches = [process_for(model, p)[None] for p in _calibration_images(calibration_folder, count)]
+    batches = [preprocess_for(model, p)[None]
+               for p in _calibration_images(calibration_folder, count)]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -134,7 +143,7 @@ def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, path: str | o
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=softmax)
         proto = onnx.load(out)
-    return _save_with_metadata(proto, model, path)
+    return save_with_metadata(proto, path, metadata(model))
 
 
 def export_torch(model: Classifier, path: str | os.PathLike) -> Path:
@@ -148,18 +157,12 @@ def export_torch(model: Classifier, path: str | os.PathLike) -> Path:
         warnings.simplefilter("always")
         traced = torch.jit.trace(wrapper, example) if hasattr(torch.jit, "trace") else None
     deprecated = any("deprecated" in str(w.message).lower() for w in caught)
-    tmp_path = path.with_name(f".{path.name}.tmp")
     if traced is not None and not deprecated:
-        path = path.with_suffix(".pt")
-        traced.save(str(tmp_path))
-    else:
-        path = path.with_suffix(".pt2")
-        with _quiet():
-            program = torch.export.export(wrapper, (example,),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},))
-            torch.export.save(program, tmp_path)
-    os.replace(tmp_path, path)
-    return path
+        return atomic_write(path.with_suffix(".pt"), lambda f: torch.jit.save(traced, f))
+    with _quiet():
+        program = torch.export.export(wrapper, (example,),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return atomic_write(path.with_suffix(".pt2"), lambda f: torch.export.save(program, f))
 
 
 def load_torch_export(path: str | os.PathLike) -> nn.Module:

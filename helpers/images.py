@@ -1,4 +1,5 @@
-"""Opening any image file as an upright 8-bit RGB picture, or failing with a clear message."""
+"""Opening any image file as an upright 8-bit RGB picture, or failing with a clear message,
+and `process_image`: the one preprocessing of every prediction (PIL and NumPy, no torch)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .runtime import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -18,7 +21,7 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file cannot be read; the message names the file and what to do."""
 
 
@@ -84,3 +87,25 @@ def check_image(path: str | os.PathLike) -> str | None:
     except (OSError, SyntaxError, ValueError) as err:
         return f"damaged ({err})"
     return None
+
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def process_image(image: str | os.PathLike | Image.Image, size: int = 224, resize: int = 256,
+                  mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+                  std: tuple[float, ...] = (0.5, 0.5, 0.5),
+                  interpolation: str = "bicubic") -> np.ndarray:
+    """Resize the shorter side, centre-crop, scale to 0..1 and normalise: a 3 x H x W float32."""
+    image = to_rgb(image) if isinstance(image, Image.Image) else open_image(image)
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(resize * long / short)  # the same rounding as torchvision's Resize
+    new_size = (resize, new_long) if width <= height else (new_long, resize)
+    image = image.resize(new_size, _RESAMPLE[interpolation])
+    left = int(round((new_size[0] - size) / 2.0))
+    top = int(round((new_size[1] - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return array.transpose(2, 0, 1).copy()

@@ -1,4 +1,4 @@
-"""Training recipes, one entry point: `run_recipe(model, datasets, config, device)`.
+"""Training recipes: each builds a `train.Plan` (what trains on what); `train.fit` runs it.
 
 - cached (the CPU default): the frozen trunk's activations are computed once (ONNX Runtime)
   and cached; a linear probe trains the head on pooled features in seconds, then the last
@@ -13,43 +13,30 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision import datasets
 
-from .backbones import get_backbone
-from .data import class_names, load_category_names, load_datasets, make_loaders
-from .features import ActivationCache
+from .cache import ActivationCache
+from .calibration import calibrate
+from .config import TrainConfig
+from .data import make_loaders
+from .inference import logits_of
 from .model import Classifier, build_model
-from .train import (
-    BestEpoch,
-    TrainConfig,
-    accuracy,
-    autocast,
-    fit,
-    predict_probs,
-    seed_everything,
-    train_one_epoch,
-)
-
-Log = Callable[[str], None] | None
+from .runtime import Distributed, StopFlag, autocast, seed_everything
+from .train import Phase, Plan, accuracy, fit, predict_probs
 
 
-def prepare(data_root: str | os.PathLike, config: TrainConfig,
-            names_file: str | os.PathLike | None = None,
-            ) -> tuple[dict[str, datasets.ImageFolder], Classifier]:
-    """The datasets under data_root and a seeded new model for their classes, named."""
-    spec = get_backbone(config.arch)
-    sets = load_datasets(data_root, spec)
-    names = class_names(sets["train"].class_to_idx, load_category_names(names_file))
+def new_model(sets: dict[str, datasets.ImageFolder], config: TrainConfig, *,
+              names: list[str] | None = None) -> Classifier:
+    """A seeded new classifier for the classes of the training set."""
     seed_everything(config.seed)
-    model = build_model(config.arch, sets["train"].class_to_idx, names, config.hidden_units,
-                        config.dropout)
-    return sets, model
+    return build_model(config.arch, sets["train"].class_to_idx, names,
+                       hidden_units=config.hidden_units, dropout=config.dropout)
 
 
 def resolve_recipe(config: TrainConfig, device: torch.device) -> str:
@@ -72,15 +59,30 @@ def _adamw(groups: list[tuple[list[nn.Parameter], float]], weight_decay: float):
                              weight_decay=weight_decay)
 
 
-def _tensor_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-                   seed: int = 0) -> DataLoader:
-    """Batches of cached tensors."""
+def _tensor_loader(x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                   shuffle: bool = False) -> DataLoader:
+    """Batches of cached tensors (shuffled by a generator the loop reseeds every epoch)."""
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator())
 
 
 def _labels(dataset: datasets.ImageFolder) -> torch.Tensor:
     return torch.tensor(dataset.targets)
+
+
+class Passes:
+    """A loader run `count` times over, as one epoch (the probe's passes over pooled features)."""
+
+    def __init__(self, loader: DataLoader, count: int) -> None:
+        self.loader, self.count = loader, count
+        self.generator = loader.generator
+
+    def __len__(self) -> int:
+        return len(self.loader) * self.count
+
+    def __iter__(self):
+        for _ in range(self.count):
+            yield from self.loader
 
 
 class CachedModel(nn.Module):
@@ -91,156 +93,168 @@ class CachedModel(nn.Module):
         self.tail, self.head = tail, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.tail(x))
+        # The cache holds fp16; without autocast (no bf16 on this CPU) the tail needs fp32.
+        return self.head(self.tail(x.float()))
 
 
 def cached_probs(net: nn.Module, cache: ActivationCache, dataset: datasets.ImageFolder,
-                 device: torch.device, config: TrainConfig) -> torch.Tensor:
+                 device: torch.device, *, config: TrainConfig) -> torch.Tensor:
     """Class probabilities of a dataset from its cached centre (and mirrored) activations."""
     labels = _labels(dataset)
     views = ["centre", "flip"] if config.tta else ["centre"]
-    probs = [predict_probs(net, _tensor_loader(cache.get(dataset, v), labels, 256), device,
-                           config.fast, progress=False)[0] for v in views]
+    probs = [predict_probs(net, _tensor_loader(cache.get(dataset, v), labels, batch_size=256),
+                           device, mixed_precision=config.fast)[0] for v in views]
     return torch.stack(probs).mean(0)
 
 
-def fit_cached(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
-               device: torch.device, progress: bool = True, log: Log = print,
-               start: float | None = None, phases: dict[str, float] | None = None,
-               tracker: BestEpoch | None = None, resume: dict | None = None,
-               ) -> list[dict[str, float]]:
-    """Linear probe, then fine-tune the backbone's tail and the head on cached activations.
-
-    `phases`, when given, receives the seconds spent extracting (and the number of images),
-    probing and fine-tuning. `resume` is a resumable state saved by an earlier run.
-    """
-    start = time.perf_counter() if start is None else start
-    phases = {} if phases is None else phases
-    model.requires_grad_(False).eval()
-    cache = ActivationCache(model.spec, model.backbone, config.tail_stages, device,
-                            progress=progress)
-    net = CachedModel(cache.tail, model.head).to(device)
-    y_train, y_valid = _labels(sets["train"]), _labels(sets["valid"])
-    x_train = cache.get(sets["train"], "centre")
-    tracker = tracker or BestEpoch(net, config.epochs, log, start)
-    tracker.model = net
-
-    def validate() -> dict[str, float]:
-        return accuracy(cached_probs(net, cache, sets["valid"], device, config), y_valid)
-
-    # Linear probe: the head alone on pooled features, computed once through the frozen tail.
-    tic, extracted = time.perf_counter(), cache.seconds
-    if config.probe_epochs > 0 and resume is None:
-        features = _pooled(cache.tail, x_train, device, config.fast)
-        model.head.requires_grad_(True)
-        optimizer = _adamw([(list(model.head.parameters()), config.learning_rate)],
-                           config.weight_decay)
-        loader = _tensor_loader(features, y_train, 256, shuffle=True, seed=config.seed)
-        scheduler = _one_cycle(optimizer, config.probe_epochs * len(loader))
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        for _ in range(config.probe_epochs):
-            trained = train_one_epoch(model.head, loader, optimizer, device, False, False,
-                                      scheduler, loss_fn)
-        tracker.update(trained, validate(), epoch=0)
-    phases["probe"] = time.perf_counter() - tic - (cache.seconds - extracted)
-
-    # Fine-tune the tail and the head on the centre and augmented views of every image.
-    views = [x_train] + [cache.get(sets["train"], f"aug{v}", seed=config.seed * 1000 + v)
-                         for v in range(1, config.views + 1)]
-    x_all, y_all = torch.cat(views), y_train.repeat(len(views))
-    del views
-    tic, extracted = time.perf_counter(), cache.seconds
-    net.requires_grad_(True)
-    optimizer = _adamw([(list(cache.tail.parameters()), config.backbone_lr),
-                        (list(model.head.parameters()), config.learning_rate)],
-                       config.weight_decay)
-    loader = _tensor_loader(x_all, y_all, config.batch_size, shuffle=True, seed=config.seed)
-    scheduler = _one_cycle(optimizer, config.epochs * len(loader))
-    history = fit(net, {"train": loader}, config, device, progress, log, optimizer, scheduler,
-                  start, validate, tracker, resume)
-    phases["finetune"] = time.perf_counter() - tic - (cache.seconds - extracted)
-    phases["extract"], phases["extract_images"] = cache.seconds, cache.images
-    model.requires_grad_(False)
-    net.requires_grad_(True)  # what was trained stays trainable, as counted
-    model.eval()
-    return history
-
-
 @torch.inference_mode()
-def _pooled(tail: nn.Module, x: torch.Tensor, device: torch.device, fast: bool) -> torch.Tensor:
+def _pooled(tail: nn.Module, x: torch.Tensor, device: torch.device, *,
+            mixed_precision: bool) -> torch.Tensor:
     """The frozen tail's pooled features of cached activations, in float32 on the CPU."""
     tail.eval().to(device)
     outputs = []
     for batch in x.split(256):
-        with autocast(device, fast):
-            outputs.append(tail(batch.to(device)).float().cpu())
+        with autocast(device, enabled=mixed_precision):
+            outputs.append(tail(batch.to(device).float()).float().cpu())
     return torch.cat(outputs)
 
 
-def fit_full(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
-             device: torch.device, progress: bool = True, log: Log = print,
-             start: float | None = None, tracker: BestEpoch | None = None,
-             resume: dict | None = None) -> list[dict[str, float]]:
-    """Fine-tune the whole network on augmented images: AdamW, one-cycle, label smoothing."""
+def cached_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
+                device: torch.device, *, stop: StopFlag | None = None,
+                ) -> tuple[Plan, ActivationCache]:
+    """Linear probe on pooled centre features, then the tail and head on cached views."""
+    model.requires_grad_(False).eval()
+    cache = ActivationCache(model.spec, model.backbone, tail_stages=config.tail_stages,
+                            device=device, stop=stop)
+    net = CachedModel(cache.tail, model.head).to(device)
+    y_train = _labels(sets["train"])
+    x_train = cache.get(sets["train"], "centre")
+    for view in ["centre", "flip"] if config.tta else ["centre"]:
+        cache.get(sets["valid"], view)  # extracted now, so that phases time training alone
+    loss = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    phases = []
+    if config.probe_epochs > 0:  # the head alone, on features computed once by the frozen tail
+        features = _pooled(cache.tail, x_train, device, mixed_precision=config.fast)
+        probe = _adamw([(list(model.head.parameters()), config.learning_rate)],
+                       config.weight_decay)
+        loader = Passes(_tensor_loader(features, y_train, batch_size=256, shuffle=True),
+                        config.probe_epochs)
+        phases.append(Phase(name="linear probe", module=model.head, batches=loader,
+                            optimizer=probe, scheduler=_one_cycle(probe, len(loader)),
+                            loss=loss, mixed_precision=False))
+    views = [x_train] + [cache.get(sets["train"], f"aug{v}", seed=config.seed * 1000 + v)
+                         for v in range(1, config.views + 1)]
+    x_all, y_all = torch.cat(views), y_train.repeat(len(views))
+    del views
+    optimizer = _adamw([(list(cache.tail.parameters()), config.backbone_lr),
+                        (list(model.head.parameters()), config.learning_rate)],
+                       config.weight_decay)
+    loader = _tensor_loader(x_all, y_all, batch_size=config.batch_size, shuffle=True)
+    phases.append(Phase(name="fine-tune", module=net, batches=loader, optimizer=optimizer,
+                        epochs=config.epochs,
+                        scheduler=_one_cycle(optimizer, config.epochs * len(loader)),
+                        loss=loss, mixed_precision=config.fast))
+    model.head.requires_grad_(True)
+    cache.tail.requires_grad_(True)
+
+    def validate() -> dict[str, float]:
+        return accuracy(cached_probs(net, cache, sets["valid"], device, config=config),
+                        _labels(sets["valid"]))
+
+    return Plan(model=net, phases=phases, validate=validate, seed=config.seed), cache
+
+
+def _image_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
+                device: torch.device, *, optimizer: torch.optim.Optimizer,
+                scheduled: bool, dist: Distributed | None = None) -> Plan:
+    """A plan that trains `model` on augmented images with `optimizer` for config.epochs."""
+    loaders = make_loaders({s: sets[s] for s in ("train", "valid")},
+                           batch_size=config.batch_size, dist=dist)
+    scheduler = (_one_cycle(optimizer, config.epochs * len(loaders["train"])) if scheduled
+                 else None)
+    loss = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    phase = Phase(name="train", module=model, batches=loaders["train"], optimizer=optimizer,
+                  epochs=config.epochs, scheduler=scheduler, loss=loss,
+                  mixed_precision=config.fast)
+
+    def validate() -> dict[str, float]:
+        return accuracy(*predict_probs(model, loaders["valid"], device,
+                                       mixed_precision=config.fast, mirror=config.tta))
+
+    return Plan(model=model, phases=[phase], validate=validate, seed=config.seed)
+
+
+def full_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
+              device: torch.device, *, dist: Distributed | None = None) -> Plan:
+    """The whole network fine-tuned on augmented images: AdamW, one-cycle, label smoothing."""
     model.requires_grad_(True)
-    loaders = make_loaders(sets, config.batch_size, seed=config.seed)
     optimizer = _adamw([(list(model.backbone.parameters()), config.backbone_lr),
                         (list(model.head.parameters()), config.learning_rate)],
                        config.weight_decay)
-    scheduler = _one_cycle(optimizer, config.epochs * len(loaders["train"]))
-    return fit(model, loaders, config, device, progress, log, optimizer, scheduler, start,
-               tracker=tracker, resume=resume)
+    return _image_plan(model, sets, config, device, optimizer=optimizer, scheduled=True,
+                       dist=dist)
+
+
+def course_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
+                device: torch.device, *, dist: Distributed | None = None) -> Plan:
+    """The course's recipe: Adam on the head of a frozen backbone, no schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+    return _image_plan(model, sets, config, device, optimizer=optimizer, scheduled=False,
+                       dist=dist)
+
+
+@dataclass
+class Trained:
+    """What training gives besides the trained model: history, calibration, timings."""
+
+    history: list[dict[str, Any]]
+    calibration: dict[str, Any]  # temperature and unsure threshold fitted on valid, and facts
+    timings: dict[str, float]  # seconds extracting activations, in each phase
 
 
 def run_recipe(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
-               device: torch.device, progress: bool = True, log: Log = print,
-               start: float | None = None, phases: dict[str, float] | None = None,
-               state_path: str | os.PathLike | None = None,
-               resume: dict | None = None) -> list[dict[str, float]]:
-    """Train `model` by the recipe of config (see the module docstring); returns the history.
+               device: torch.device, *, log=print, state_path: str | os.PathLike | None = None,
+               resume: dict | None = None, stop: StopFlag | None = None,
+               dist: Distributed | None = None, identity: dict | None = None) -> Trained:
+    """Train `model` by config's recipe (train.fit runs its plan), then calibrate it on valid.
 
-    `phases`, when given, receives the wall time of each phase in seconds. With
-    `state_path`, a resumable state is written there after every epoch; `resume` is such a
-    state (checkpoint.read_resume), to continue an interrupted run.
+    The model leaves with its best epoch's weights, its temperature and its unsure
+    threshold. See train.fit for the resumable state (`state_path`, `resume`) and `stop`.
     """
     recipe = resolve_recipe(config, device)
-    phases = {} if phases is None else phases
-    extra = {"resume_config": asdict(config), "class_to_idx": model.class_to_idx,
-             "class_names": model.class_names}
-    tracker = BestEpoch(model, config.epochs, log, start, state_path, extra)
+    cache = None
     if recipe == "cached":
-        return fit_cached(model, sets, config, device, progress, log, start, phases, tracker,
-                          resume)
-    tic = time.perf_counter()
-    if recipe == "full":
-        history = fit_full(model, sets, config, device, progress, log, start, tracker, resume)
+        plan, cache = cached_plan(model, sets, config, device, stop=stop)
+    elif recipe == "full":
+        plan = full_plan(model, sets, config, device, dist=dist)
     elif recipe == "course":
-        loaders = make_loaders(sets, config.batch_size, seed=config.seed)
-        history = fit(model, loaders, config, device, progress, log, start=start,
-                      tracker=tracker, resume=resume)
+        plan = course_plan(model, sets, config, device, dist=dist)
     else:
         raise ValueError(f"unknown recipe {recipe!r}; choose auto, cached, full or course")
-    phases["train"] = time.perf_counter() - tic
-    return history
+    plan.identity = {"config": asdict(config), **(identity or {})}
+    history = fit(plan, device, log=log, state_path=state_path, resume=resume, stop=stop,
+                  dist=dist)
+    if cache is not None:
+        model.requires_grad_(False)
+        plan.model.requires_grad_(True)  # what was trained stays trainable, as counted
+    model.eval()
+    timings = _phase_seconds(history, cache)
+    tic = time.perf_counter()
+    calibration = {}
+    if "valid" in sets and (dist is None or dist.is_main):
+        logits, labels, _ = logits_of(model, sets["valid"].samples)
+        calibration = calibrate(model, logits, labels)
+    timings["calibrate"] = time.perf_counter() - tic
+    return Trained(history=history, calibration=calibration, timings=timings)
 
 
-def split_probs(model: Classifier, dataset: datasets.ImageFolder, config: TrainConfig,
-                device: torch.device, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities (plain softmax, no temperature) and labels of an eval dataset.
-
-    After the cached recipe the frozen trunk's activations come from (or go to) the cache:
-    the trunk is unchanged by training, so they are what the whole model would compute.
-    """
-    if resolve_recipe(config, device) == "cached":
-        cache = ActivationCache(model.spec, model.backbone, config.tail_stages, device,
-                                progress=progress)
-        net = CachedModel(cache.tail, model.head)
-        return cached_probs(net, cache, dataset, device, config), _labels(dataset)
-    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=1)
-    return predict_probs(model, loader, device, config.fast, progress, config.tta)
-
-
-def evaluate_split(model: Classifier, dataset: datasets.ImageFolder, config: TrainConfig,
-                   device: torch.device, progress: bool = False) -> dict[str, float]:
-    """Top-1/top-5 of a trained model on an eval-transformed dataset (see split_probs)."""
-    return accuracy(*split_probs(model, dataset, config, device, progress))
+def _phase_seconds(history: list[dict], cache: ActivationCache | None) -> dict[str, float]:
+    """Seconds extracting activations (before the plan ran) and in each phase's epochs."""
+    timings: dict[str, float] = {"extract": cache.seconds if cache else 0.0,
+                                 "extract_images": cache.images if cache else 0}
+    previous = 0.0
+    for row in history:
+        timings[row["phase"]] = timings.get(row["phase"], 0.0) + row["seconds"] - previous
+        previous = row["seconds"]
+    return timings

@@ -12,6 +12,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .engine import Engine
 from .evaluate import ece_of_bins
 from .model import Classifier
 from .plots import plot_topk_bars
@@ -147,12 +148,12 @@ def plot_gradcam(image: Picture, cam: np.ndarray, prediction: Prediction,
     return fig
 
 
-def pair_items(report: dict[str, Any], dataset, model: Classifier,
+def pair_items(report: dict[str, Any], model: Classifier | Engine, *,
                n: int = 6) -> list[tuple[np.ndarray, np.ndarray, str, str, int]]:
-    """Gallery items for plot_confused_pairs from evaluate.report's pairs on `dataset`: a
-    misclassified image of the true class and a correctly classified one of the other."""
+    """Gallery items for plot_confused_pairs from report.report's pairs: a misclassified
+    image of the true class and a correctly classified one of the other."""
     labels, predicted = report["labels"], report["predicted"]
-    paths = [path for path, _ in dataset.samples]
+    paths = [path for path, _ in report["samples"]]
     items = []
     for pair in report["pairs"][:n]:
         wrong = np.flatnonzero((labels == pair["true"]) & (predicted == pair["predicted"]))
@@ -164,9 +165,9 @@ def pair_items(report: dict[str, Any], dataset, model: Classifier,
     return items
 
 
-def high_loss_items(report: dict[str, Any], dataset, model: Classifier,
+def high_loss_items(report: dict[str, Any], model: Classifier | Engine, *,
                     n: int = 8) -> list[tuple[np.ndarray, str, str, float]]:
-    """Gallery items for plot_high_loss from evaluate.report's highest-loss samples."""
+    """Gallery items for plot_high_loss from report.report's highest-loss samples."""
     names = model.class_names
-    return [(view_for(model, dataset.samples[row["index"]][0]), names[row["true"]],
+    return [(view_for(model, report["samples"][row["index"]][0]), names[row["true"]],
              names[row["predicted"]], row["probability"]) for row in report["high_loss"][:n]]

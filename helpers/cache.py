@@ -1,8 +1,11 @@
-"""Cached activations: run the frozen part of the backbone once, keep its output on disk.
+"""The activation cache: run the frozen part of the backbone once, keep its output on disk.
 
 The backbone is split in two: a frozen *trunk* whose output is computed once per image
 and view and cached, and a trainable *tail* (the last stages, the final 1x1 conv and the
 pooling) that is fine-tuned together with the head on those cached activations.
+
+Every cached file has its sha256 in a file beside it and is checked before use: a damaged
+file, even one that still loads, is deleted and rebuilt.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -22,14 +26,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
-from tqdm.auto import tqdm
 
 from .backbones import Backbone
-from .checkpoint import atomic_save
 from .data import cache_dir, eval_transform, train_transform
-from .train import autocast
+from .runtime import (
+    StopFlag,
+    atomic_save,
+    atomic_write_bytes,
+    autocast,
+    ignore_stop_signals,
+    progress,
+)
 
 CACHE_VERSION = 1
+CACHED_KINDS = ("activations", "onnx", "engines")  # the folders cache_dir() holds
 
 
 def split_backbone(backbone: nn.Module, tail_stages: int) -> tuple[nn.Module, nn.Module]:
@@ -85,6 +95,39 @@ def _weights_digest(module: nn.Module) -> hashlib._Hash:
     return h
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def seal(path: str | os.PathLike) -> Path:
+    """Store the sha256 of a cached file beside it (written after the file itself)."""
+    path = Path(path)
+    atomic_write_bytes(file_digest(path).encode(), _sidecar(path))
+    return path
+
+
+def is_intact(path: str | os.PathLike) -> bool:
+    """True when a cached file and its stored sha256 exist and agree; else both are deleted."""
+    path = Path(path)
+    try:
+        if path.is_file() and file_digest(path) == _sidecar(path).read_text().strip():
+            return True
+    except OSError:
+        pass
+    path.unlink(missing_ok=True)
+    _sidecar(path).unlink(missing_ok=True)
+    return False
+
+
 def has_onnxruntime() -> bool:
     """True when ONNX Runtime can be imported."""
     try:
@@ -99,17 +142,20 @@ def onnx_runner(trunk: nn.Module, input_size: int) -> Callable[[torch.Tensor], t
     import onnxruntime as ort
 
     path = cache_dir() / "onnx" / f"trunk-{_weights_digest(trunk).hexdigest()[:24]}.onnx"
-    if not path.is_file():
+    if not is_intact(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        example = torch.zeros(2, 3, input_size, input_size)
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(trunk.float().eval(), (example,), tmp, dynamo=True, verbose=False,
-                              input_names=["images"], output_names=["activations"],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},),
-                              external_data=False)
-        os.replace(tmp, path)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            raw = Path(tmp) / "trunk.onnx"
+            example = torch.zeros(2, 3, input_size, input_size)
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(trunk.float().eval(), (example,), raw, dynamo=True,
+                                  verbose=False, input_names=["images"],
+                                  output_names=["activations"],
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                  external_data=False)
+            atomic_write_bytes(raw.read_bytes(), path)
+        seal(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3
@@ -130,28 +176,29 @@ def torch_runner(trunk: nn.Module, device: torch.device) -> Callable[[torch.Tens
 
 
 @torch.inference_mode()
-def extract(run: Callable[[torch.Tensor], torch.Tensor], data: Dataset, batch_size: int = 32,
-            num_workers: int | None = None, desc: str = "extract",
-            progress: bool = True) -> torch.Tensor:
+def extract(run: Callable[[torch.Tensor], torch.Tensor], data: Dataset, *, batch_size: int = 32,
+            desc: str = "extract", stop: StopFlag | None = None) -> torch.Tensor:
     """The trunk's output for every item of `data`, in order, stored as fp16 on the CPU."""
-    if num_workers is None:
-        num_workers = 1 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 2) - 1)
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=torch.cuda.is_available())
-    parts = [run(images).to("cpu", torch.float16)
-             for images, _ in tqdm(loader, desc=desc, leave=False, disable=not progress)]
+    workers = 1 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 2) - 1)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
+    parts = []
+    for images, _ in progress(loader, desc=desc):
+        parts.append(run(images).to("cpu", torch.float16))
+        if stop is not None:
+            stop.check(desc)
     return torch.cat(parts).contiguous(memory_format=torch.channels_last)
 
 
 class ActivationCache:
     """The frozen trunk of a backbone and its activations per (dataset, view), cached on disk."""
 
-    def __init__(self, spec: Backbone, backbone: nn.Module, tail_stages: int,
-                 device: torch.device, engine: str = "auto", progress: bool = True) -> None:
+    def __init__(self, spec: Backbone, backbone: nn.Module, *, tail_stages: int,
+                 device: torch.device, engine: str = "auto", stop: StopFlag | None = None) -> None:
         if engine == "auto":
             engine = "onnx" if device.type == "cpu" and has_onnxruntime() else "torch"
         self.spec, self.tail_stages, self.device = spec, tail_stages, device
-        self.engine, self.progress = engine, progress
+        self.engine, self.stop = engine, stop
         self.trunk, self.tail = split_backbone(backbone, tail_stages)
         self._digest = _weights_digest(self.trunk).hexdigest()
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None  # made when first needed
@@ -169,18 +216,15 @@ class ActivationCache:
             h.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return h.hexdigest()[:24]
 
-    def get(self, dataset: datasets.ImageFolder, view: str = "centre",
+    def get(self, dataset: datasets.ImageFolder, view: str = "centre", *,
             seed: int = 0) -> torch.Tensor:
         """Activations of one view of every image: from the cache, or computed and stored."""
         name = f"{self.spec.name}-{view}-{self.key(dataset, view, seed)}.pt"
         path = cache_dir() / "activations" / name
-        if path.is_file():
-            try:
-                acts = torch.load(path, map_location="cpu", weights_only=True)["activations"]
-                # the layout of a fresh extraction, so that both give the same arithmetic
-                return acts.contiguous(memory_format=torch.channels_last)
-            except Exception:  # a damaged cache file is rebuilt, never trusted
-                path.unlink(missing_ok=True)
+        if is_intact(path):
+            acts = torch.load(path, map_location="cpu", weights_only=True)["activations"]
+            # the layout of a fresh extraction, so that both give the same arithmetic
+            return acts.contiguous(memory_format=torch.channels_last)
         tic = time.perf_counter()
         # Exporting and extracting must not move the caller's random numbers: a run that
         # finds its activations cached has to train exactly like the run that made them.
@@ -189,23 +233,25 @@ class ActivationCache:
                 self._run = (onnx_runner(self.trunk, self.spec.input_size)
                              if self.engine == "onnx" else torch_runner(self.trunk, self.device))
             data = SeededView(dataset, view_transform(self.spec, view), seed)
-            acts = extract(self._run, data, desc=f"{view} {Path(dataset.root).name}",
-                           progress=self.progress)
-        atomic_save({"activations": acts, "created": time.time()}, path)
+            acts = extract(self._run, data, desc=f"{view} views of {Path(dataset.root).name}",
+                           stop=self.stop)
+        seal(atomic_save({"activations": acts, "created": time.time()}, path))
         self.seconds += time.perf_counter() - tic
         self.images += len(acts)
         return acts
 
 
 def cache_size(folder: Path | None = None) -> int:
-    """Bytes held by the activation cache."""
-    folder = (folder or cache_dir()) / "activations"
-    return sum(p.stat().st_size for p in folder.glob("*.pt")) if folder.is_dir() else 0
+    """Bytes held by every cached artefact: activations, ONNX trunks, prediction engines."""
+    folder = folder or cache_dir()
+    return sum(p.stat().st_size for kind in CACHED_KINDS for p in (folder / kind).rglob("*")
+               if p.is_file())
 
 
 def clear_cache(folder: Path | None = None) -> int:
-    """Delete the activation cache; returns the bytes freed."""
+    """Delete every cached artefact; returns the bytes freed."""
     folder = folder or cache_dir()
     size = cache_size(folder)
-    shutil.rmtree(folder / "activations", ignore_errors=True)
+    for kind in CACHED_KINDS:
+        shutil.rmtree(folder / kind, ignore_errors=True)
     return size

@@ -1,0 +1,79 @@
+"""Calibration: a temperature that makes the probabilities honest, and the "unsure" threshold.
+
+Both are fitted on the valid split as the last step of training (recipes.run_recipe), so a
+model has them from the moment it is trained; the checkpoint, the engine and every export
+carry them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+from .evaluate import ArrayLike, as_arrays, expected_calibration_error, nll, to_numpy
+from .model import Classifier
+
+
+def log_probs(probs: ArrayLike) -> np.ndarray:
+    """Logits from probabilities: their logarithm, equal to the logits up to a per-row constant,
+    which is all that temperature scaling needs."""
+    return np.log(np.maximum(to_numpy(probs).astype(np.float64), 1e-300))
+
+
+def apply_temperature(logits: ArrayLike, temperature: float) -> np.ndarray:
+    """Calibrated probabilities: softmax(logits / temperature)."""
+    return softmax(to_numpy(logits).astype(np.float64) / temperature, axis=1)
+
+
+def fit_temperature(logits: ArrayLike, labels: ArrayLike, *,
+                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T minimising the NLL of softmax(logits / T); fit it on the valid split."""
+    logits, labels = as_arrays(logits, labels)
+    rows = np.arange(len(labels))
+
+    def loss(log_t: float) -> float:
+        return float(-log_softmax(logits / np.exp(log_t), axis=1)[rows, labels].mean())
+
+    # One parameter, a smooth loss: a bounded scalar search over log T is exact and fast.
+    result = minimize_scalar(loss, bounds=np.log(bounds), method="bounded",
+                             options={"xatol": 1e-6})
+    return float(np.exp(result.x))
+
+
+def choose_unsure_threshold(probs: ArrayLike, labels: ArrayLike, *,
+                            target_accuracy: float = 0.99) -> float:
+    """The lowest top-1 probability t such that predictions at or above t are right at least
+    `target_accuracy` of the time (on the valid split, calibrated probabilities).
+
+    A prediction whose top probability is below t is "unsure". 0.0 when every prediction
+    can be kept (never unsure); 1.0 when not even the most confident ones reach the target.
+    """
+    probs, labels = as_arrays(probs, labels)
+    confidence = probs.max(1)
+    order = np.argsort(-confidence, kind="stable")
+    correct = (probs.argmax(1) == labels)[order]
+    kept_accuracy = np.cumsum(correct) / np.arange(1, len(correct) + 1)
+    good = np.flatnonzero(kept_accuracy >= target_accuracy)
+    if len(good) == 0:
+        return 1.0
+    if good[-1] == len(correct) - 1:
+        return 0.0
+    return float(confidence[order][good[-1]])
+
+
+def calibrate(model: Classifier, logits: ArrayLike, labels: ArrayLike, *,
+              target_accuracy: float = 0.99) -> dict[str, Any]:
+    """Fit model.temperature and model.unsure_below on valid logits; returns the facts."""
+    raw = softmax(to_numpy(logits).astype(np.float64), axis=1)
+    model.temperature = fit_temperature(logits, labels)
+    calibrated = apply_temperature(logits, model.temperature)
+    model.unsure_below = choose_unsure_threshold(calibrated, labels,
+                                                 target_accuracy=target_accuracy)
+    return {"temperature": model.temperature, "unsure_below": model.unsure_below,
+            "fitted_on": "valid", "n": len(to_numpy(labels)),
+            "ece_before": expected_calibration_error(raw, labels),
+            "ece_after": expected_calibration_error(calibrated, labels),
+            "nll_before": nll(raw, labels), "nll_after": nll(calibrated, labels)}

@@ -1,0 +1,82 @@
+"""Command lines: `python -m helpers pipeline|train|predict|evaluate|export|cache`.
+
+Exit status: 0 on success, 2 for usage errors (argparse), 1 for a mistake in the input
+(one line on stderr naming the file or value, and what to do), 130 when a run is stopped
+by Ctrl-C or SIGTERM after saving what can be resumed. A genuine bug still shows its
+traceback. Nothing here imports torch: `predict` answers without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+import warnings
+
+from ..runtime import Stopped, UserError
+
+# The OS errors a user causes: a missing file, no permission, a full disk or quota.
+USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Interrupted(UserError):
+    """Training was stopped (Ctrl-C or SIGTERM); the message says how to resume."""
+
+
+def build_parser(prog: str = "python -m helpers") -> argparse.ArgumentParser:
+    """The argument parser of `python -m helpers`, its commands from the command modules."""
+    from . import artefacts, inference, training
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (training, inference, artefacts):
+        module.add_commands(sub)
+    return parser
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """True for the project's own error types and the OS errors a user causes."""
+    if isinstance(err, UserError | USER_OS_ERRORS):
+        return True
+    return isinstance(err, OSError) and err.errno in FULL_DISK
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an error's message (its type name when it has none)."""
+    text = str(err).strip()
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        text = f"{err.filename}: {err.strerror.lower()}"
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """Run a command; a user mistake prints one line on stderr and returns 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if prog is not None:  # train.py / predict.py: their own name in usage and --help
+        parser = build_parser(prog)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command = sub.choices[argv[0]]
+        command.prog = prog
+        args = command.parse_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}",
+                                                           file=sys.stderr)
+    try:
+        args.func(args)
+    except Stopped as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 130
+    except Interrupted as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,63 @@
+"""`export` and `cache`: files made from a trained model, and the caches behind the recipes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..runtime import UserError
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write the model as ONNX (fp32, or int8 with --int8) or TorchScript / torch.export."""
+    from .. import checkpoint, export
+
+    if args.int8 and args.format != "onnx":
+        raise UserError("--int8 applies to --format onnx only")
+    if args.int8 and not args.calibration:
+        raise UserError("--int8 needs --calibration FOLDER: training images to calibrate on")
+    model, _ = checkpoint.load_checkpoint(args.checkpoint)
+    default = Path(args.checkpoint).with_suffix(".int8.onnx" if args.int8 else
+                                                ".onnx" if args.format == "onnx" else ".pt")
+    out = Path(args.output) if args.output else default
+    if args.format == "torchscript":
+        path = export.export_torch(model, out)
+    elif args.int8:
+        fp32 = export.export_onnx(model, out.with_suffix(".fp32.tmp.onnx"))
+        try:
+            path = export.quantize_onnx(model, fp32, out, args.calibration)
+        finally:
+            fp32.unlink(missing_ok=True)
+    else:
+        path = export.export_onnx(model, out)
+    print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    """Show the size of the caches (activations, ONNX trunks, engines), or clear them."""
+    from ..cache import cache_size, clear_cache
+    from ..data import cache_dir
+
+    if args.clear:
+        print(f"cleared {clear_cache() / 1e6:.0f} MB from {cache_dir()}")
+    else:
+        print(f"{cache_dir()}: {cache_size() / 1e6:.0f} MB of cached activations, ONNX trunks "
+              "and prediction engines")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """The `export` and `cache` commands."""
+    p = sub.add_parser("export", help="write the model as ONNX or TorchScript for applications",
+                       description=cmd_export.__doc__)
+    p.add_argument("checkpoint")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--int8", action="store_true", help="ONNX only: static int8 quantization")
+    p.add_argument("--calibration", help="--int8: a folder of training images to calibrate on")
+    p.add_argument("-o", "--output", help="output file (default: beside the checkpoint)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("cache", help="size of the caches; --clear deletes them",
+                       description=cmd_cache.__doc__)
+    p.add_argument("--clear", action="store_true",
+                   help="delete every cached artefact (activations, ONNX trunks, engines)")
+    p.set_defaults(func=cmd_cache)

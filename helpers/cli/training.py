@@ -1,0 +1,225 @@
+"""`train` and `pipeline`: train on a folder of photos, calibrate, report, save."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+
+from ..backbones import BACKBONES
+from ..config import TrainConfig
+from ..runtime import StopFlag, Stopped, UserError
+from . import Interrupted
+
+DEFAULTS = TrainConfig()
+COURSE = TrainConfig.course()
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """The options that fill a TrainConfig; only those typed are applied (see config_from)."""
+    def option(name: str, **kwargs) -> None:
+        p.add_argument(f"--{name}", default=argparse.SUPPRESS, **kwargs)
+
+    option("arch", choices=list(BACKBONES),
+           help=f"pretrained backbone (default {DEFAULTS.arch}: offline weights)")
+    option("recipe", choices=["auto", "cached", "full", "course"],
+           help="auto (default): on a CPU fine-tune the last stage on cached activations, on "
+                "a GPU the whole network; course: the course's recipe (frozen backbone, "
+                "every augmented image through it every epoch), whose own defaults are "
+                f"{COURSE.epochs} epochs, {COURSE.hidden_units} hidden units, Adam "
+                f"{COURSE.learning_rate}")
+    option("learning_rate", type=float,
+           help=f"learning rate of the head (default {DEFAULTS.learning_rate}; the backbone's "
+                f"fine-tuned layers use --backbone_lr)")
+    option("backbone_lr", type=float,
+           help=f"learning rate of the fine-tuned backbone layers (default {DEFAULTS.backbone_lr})")
+    option("hidden_units", type=int,
+           help=f"hidden units of the head (default {DEFAULTS.hidden_units}: a linear head; "
+                "the course used 512)")
+    option("dropout", type=float,
+           help=f"dropout before the head's last layer, in [0, 1) (default {DEFAULTS.dropout})")
+    option("epochs", type=int,
+           help=f"epochs over all views of the training images, after a linear probe "
+                f"(default {DEFAULTS.epochs})")
+    option("batch_size", type=int, help=f"samples per step (default {DEFAULTS.batch_size})")
+    option("seed", type=int,
+           help=f"random seed of weights, views and order (default {DEFAULTS.seed})")
+    p.add_argument("--fp32", action="store_true",
+                   help="plain fp32, default memory format (default: bf16/fp16 autocast and "
+                        "channels_last where the hardware has them)")
+    p.add_argument("--gpu", action="store_true", help="use the GPU (CUDA or Apple MPS)")
+    p.add_argument("--names", "--category_names", dest="names",
+                   help="JSON file of class folder -> name (default: the data's own "
+                        "cat_to_name.json, else the folder names)")
+
+
+def config_from(args: argparse.Namespace) -> TrainConfig:
+    """A TrainConfig of the recipe's defaults and every option the user typed (those win)."""
+    typed = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__
+             if hasattr(args, name)}
+    if args.fp32:
+        typed["fast"] = False
+    base = TrainConfig.course if typed.get("recipe") == "course" else TrainConfig
+    return base(**typed)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse impossible settings before any work starts, one line each."""
+    def positive(name: str, value: float) -> None:
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name} must be a finite number above 0, not {value}")
+
+    positive("learning_rate", config.learning_rate)
+    positive("backbone_lr", config.backbone_lr)
+    if config.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, not {config.batch_size}")
+    if config.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, not {config.epochs}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), not {config.dropout}")
+    if config.hidden_units < 0:
+        raise UserError(f"--hidden_units must be 0 (a linear head) or more, "
+                        f"not {config.hidden_units}")
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Refuse an output folder that cannot be written, before any work starts."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{folder}: cannot write there ({probe} is not a writable folder); "
+                        f"choose another {option}")
+
+
+def device_for(gpu: bool):
+    """The GPU when --gpu (an error if there is none), else the CPU."""
+    import torch
+
+    from ..runtime import get_device
+
+    if not gpu:
+        return torch.device("cpu")
+    device = get_device()
+    if device.type == "cpu":
+        raise UserError("--gpu given but no CUDA or MPS GPU is available; run without --gpu")
+    return device
+
+
+def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, device,
+                  again: str) -> dict:
+    """Load the data, train, calibrate on valid, report valid/test, save the checkpoint.
+
+    `again` is the command line that resumes this run (shown when it is interrupted).
+    """
+    check_writable(out, "--save_dir" if "train" in again else "--out")
+    config = config_from(args)
+    check_config(config)
+    from .. import checkpoint, data, evaluate, inference, model, recipes
+
+    start = time.perf_counter()
+    spec = model.get_backbone(config.arch)
+    sets = data.load_datasets(data_root, spec)
+    if len(sets["train"].classes) < 2:
+        raise UserError(f"{data_root}: only one class folder ({sets['train'].classes[0]}); "
+                        "a classifier needs at least 2")
+    identity = {"class_to_idx": sets["train"].class_to_idx,
+                "data_digest": data.files_digest(sets, data_root)}
+    resume = None
+    if getattr(args, "resume", None):
+        resume = checkpoint.read_resume(args.resume, identity=identity)
+        config = TrainConfig.from_dict(resume["identity"]["config"])
+    names = data.class_names(sets["train"].class_to_idx, data.load_category_names(args.names))
+    print(f"data {data_root}: " + ", ".join(f"{s} {v['images']} images / {v['classes']} "
+                                             f"classes" for s, v in data.summarize(sets).items()))
+    clf = recipes.new_model(sets, config, names=names)
+    print(f"model {config.arch} on {device}, recipe {recipes.resolve_recipe(config, device)}")
+    run_id = resume["identity"]["run_id"] if resume else uuid.uuid4().hex
+    state = out / "last.pth"
+    stop = StopFlag()
+    try:
+        with stop.watch():
+            trained = recipes.run_recipe(clf, sets, config, device, state_path=state,
+                                         resume=resume, stop=stop,
+                                         identity=identity | {"run_id": run_id})
+    except Stopped as err:
+        if checkpoint.resume_belongs(state, run_id):
+            raise Interrupted(f"{err}; resume with: {again} --resume {state}") from None
+        raise Interrupted(f"{err}, before the first save; nothing to resume") from None
+    metrics: dict = {"calibration": trained.calibration}
+    for split in ("valid", "test"):
+        if split in sets:
+            metrics[split] = m = evaluate.evaluate_model(clf, sets[split].samples)
+            print(f"{split}: top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  ({m['n']} images)")
+    c = trained.calibration
+    if c:
+        print(f"calibrated on valid: temperature {c['temperature']:.2f}, ECE "
+              f"{c['ece_before']:.1%} -> {c['ece_after']:.1%}, unsure below "
+              f"{c['unsure_below']:.0%}")
+    metrics["seconds"] = time.perf_counter() - start
+    metrics["timings"] = trained.timings
+    path = inference.save_model(clf, out / "checkpoint.pth", config=config,
+                                metrics={"history": trained.history, **metrics})
+    print(f"checkpoint: {path}")
+    return {"path": path, "sets": sets, "history": trained.history, "metrics": metrics,
+            "model": clf}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train on DATA_DIR (train/ and valid/, test/ if present) and save DIR/checkpoint.pth."""
+    train_command(args, data_root=Path(args.data_dir), out=Path(args.save_dir),
+                  device=device_for(args.gpu),
+                  again=f"python train.py {args.data_dir} --save_dir {args.save_dir}")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    """Train on the flowers data, report valid/test accuracy, save, reload, predict, chart."""
+    from .. import download, plots, predict
+    from ..images import open_image
+    from ..runtime import get_device
+
+    device = device_for(True) if args.gpu else get_device()
+    root = download.ensure_data(args.data_dir, source=args.source)
+    out = Path(args.out)
+    done = train_command(args, data_root=root, out=out, device=device,
+                         again=f"python -m helpers pipeline --data_dir {root} --out {out}")
+    plots.save_figure(plots.plot_history(done["history"]), out / "history.png")
+    sets = done["sets"]
+    image_path, label = sets.get("test", sets["valid"]).samples[0]
+    result = predict.predict(image_path, done["model"], topk=5)
+    true_name = done["model"].class_names[label]
+    print(f"{image_path} (true: {true_name}):")
+    for p, name in zip(result.probs, result.names, strict=True):
+        print(f"  {p:7.2%}  {name}")
+    fig = plots.plot_prediction(open_image(image_path), result, true_name=true_name)
+    print(f"top-5 chart: {plots.save_figure(fig, out / 'top5.png')}")
+    summary = {"data_dir": str(root), "history": done["history"], **done["metrics"]}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"done in {done['metrics']['seconds']:.0f} s; figures in {out / 'metrics.json'}")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """The `pipeline` and `train` commands."""
+    p = sub.add_parser("pipeline", help="the main job: train, evaluate, save, predict one image",
+                       description=cmd_pipeline.__doc__)
+    p.add_argument("--data_dir", help="data folder (default $FLOWERS_DIR, else ./flowers; "
+                                      "downloaded when missing)")
+    p.add_argument("--source", default="course", choices=["course", "flowers102"],
+                   help="where to download the data from when it is missing")
+    p.add_argument("--out", default="build/main", help="output folder (default %(default)s)")
+    add_train_options(p)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("train", help="train a classifier and save a checkpoint",
+                       description=cmd_train.__doc__)
+    p.add_argument("data_dir", help="folder with train/ and valid/ (and test/) class folders")
+    p.add_argument("--save_dir", default="checkpoints", help="where checkpoint.pth goes "
+                                                             "(default %(default)s)")
+    p.add_argument("--resume", help="continue an interrupted run from its last.pth (the "
+                                    "saved settings are used)")
+    add_train_options(p)
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,150 @@
+"""The prediction engine: a trained classifier as one ONNX Runtime session, without torch.
+
+This is the one inference path of a trained model: the main job's figures, `evaluate`, the
+notebook's `predict` and `predict.py` all run it, so they agree on every image. The ONNX
+graph returns logits; the engine divides them by the model's temperature and takes the
+softmax in NumPy. Its metadata carries what an answer needs: class folders and names,
+preprocessing, temperature, unsure threshold, and the sha256 of the checkpoint it was
+made from, so a stale engine beside a newer checkpoint is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from .images import ImageError, process_image
+
+ENGINE_SUFFIX = ".engine.onnx"
+
+
+class Prediction(NamedTuple):
+    """Top-K probabilities, class folders and names, highest first."""
+
+    probs: list[float]
+    classes: list[str]
+    names: list[str]
+
+    def is_unsure(self, threshold: float) -> bool:
+        """True when the top probability is below `threshold` (a model's unsure_below)."""
+        # A method, not a fourth field: `probs, classes, names = predict(...)` keeps working.
+        return bool(self.probs) and self.probs[0] < threshold
+
+
+def softmax(logits: np.ndarray, *, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities of each row of logits divided by the temperature, in float64."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def engine_path(checkpoint: str | os.PathLike) -> Path:
+    """Where the engine of a checkpoint lives: beside it (checkpoint.engine.onnx)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name.rsplit(".", 1)[0] + ENGINE_SUFFIX)
+
+
+class Engine:
+    """An exported classifier with its labels, preprocessing and calibration."""
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), options,
+                                            providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.class_names: list[str] = json.loads(meta["class_names"])
+        self.class_ids: list[str] = json.loads(meta["class_ids"])
+        self.mean = tuple(json.loads(meta["mean"]))
+        self.std = tuple(json.loads(meta["std"]))
+        self.input_size, self.resize_size = int(meta["input_size"]), int(meta["resize_size"])
+        self.interpolation = meta["interpolation"]
+        self.temperature = float(meta.get("temperature", 1.0))
+        self.unsure_below = float(meta.get("unsure_below", 0.0))
+        self.checkpoint_sha256 = meta.get("checkpoint_sha256", "")
+        self.weights_sha256 = meta.get("weights_sha256", "")
+        self.input_name = self.session.get_inputs()[0].name
+
+    def preprocess(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
+        """process_image with this model's size and normalisation."""
+        return process_image(image, self.input_size, self.resize_size, self.mean, self.std,
+                             self.interpolation)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw class scores of a batch of preprocessed images (N x 3 x H x W)."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(
+            batch, dtype=np.float32)})[0]
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities: softmax(logits / temperature)."""
+        return softmax(self.logits(batch), temperature=self.temperature)
+
+    def top(self, probs: np.ndarray, *, topk: int = 5) -> Prediction:
+        """The top-K of one row of probabilities, through the saved class mapping."""
+        order = np.argsort(-probs, kind="stable")[:min(topk, len(probs))]
+        return Prediction([float(probs[i]) for i in order], [self.class_ids[i] for i in order],
+                          [self.class_names[i] for i in order])
+
+    def predict(self, image: str | os.PathLike | Image.Image, *, topk: int = 5) -> Prediction:
+        """The top-K calibrated probabilities, class folders and names of one image."""
+        return self.top(self.probabilities(self.preprocess(image)[None])[0], topk=topk)
+
+    def run_paths(self, paths: Iterable[str | os.PathLike], *, batch_size: int = 16,
+                  workers: int = 2) -> Iterator[tuple[Path, np.ndarray | ImageError]]:
+        """(path, logits) for every image in order, or (path, ImageError) for a bad one.
+
+        Images are decoded and prepared in threads (PIL releases the GIL) while the model
+        runs batches; a bad image never stops the others.
+        """
+        def prepare(path: Path) -> np.ndarray | ImageError:
+            try:
+                return self.preprocess(path)
+            except ImageError as err:
+                return err
+
+        paths = [Path(p) for p in paths]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            prepared = pool.map(prepare, paths)
+            for start in range(0, len(paths), batch_size):
+                chunk = [next(prepared) for _ in paths[start:start + batch_size]]
+                good = [i for i, x in enumerate(chunk) if not isinstance(x, ImageError)]
+                scores = self.logits(np.stack([chunk[i] for i in good])) if good else []
+                by_index = dict(zip(good, scores, strict=True))
+                for i, item in enumerate(chunk):
+                    yield paths[start + i], by_index.get(i, item)
+
+
+def open_engine(checkpoint: str | os.PathLike) -> Engine | None:
+    """The engine beside a checkpoint when it exists, loads and was made from these exact
+    bytes; None otherwise (missing, damaged or stale: the caller rebuilds it)."""
+    path = engine_path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        engine = Engine(path)
+    except Exception:  # damaged in any way ONNX Runtime can fail: rebuilt, never trusted
+        return None
+    return engine if engine.checkpoint_sha256 == sha256_of(checkpoint) else None

@@ -1,0 +1,256 @@
+"""What every stage needs at run time, in one place: device, seeding, mixed precision, files
+written whole or not at all, a stop flag for signals, and progress that suits the output.
+
+The bottom layer of `helpers/`: it imports no other module of the package, and torch only
+inside the functions that need it, so that the torch-free prediction path can use it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for or gave; the message is one line saying what to do.
+
+    Every error type of the project that a user can cause derives from it, so the command
+    lines print it in one line, while a genuine bug still shows its traceback.
+    """
+
+
+class DiskFullError(UserError, OSError):
+    """A save did not fit on its disk; the previous file is whole and no temporary file is left."""
+
+
+def get_device(gpu: bool = True):
+    """cuda, then mps, then cpu (cpu only when gpu is False)."""
+    import torch
+
+    if gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    if gpu and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch so a run can be repeated."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device, *, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision where it pays: bf16 (or fp16) on CUDA, bf16 on CPUs with native bf16."""
+    import torch
+
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if enabled and device.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def disk_full_message(folder: str | os.PathLike, *, needed: int = 0) -> str:
+    """One line for a full disk: which folder, how much is free, what to do."""
+    folder = Path(folder)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = 0
+    want = f"free at least {max(needed - free, 1) / 1e6:.0f} MB" if needed else "free some space"
+    return (f"no space left on the device holding {folder} ({free / 1e6:.0f} MB free): "
+            f"{want} or choose another folder (--save_dir, --out, $FLOWERS_CACHE)")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`.
+
+    A crash, a kill or a full disk leaves the previous file whole and no temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in FULL_DISK or "No space left" in str(err):
+            raise DiskFullError(errno.ENOSPC, disk_full_message(path.parent)) from None
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to `path` atomically (see atomic_write)."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write bytes to `path` atomically (see atomic_write)."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy a file to `path` atomically (see atomic_write)."""
+    def write(f: IO[bytes]) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, f)
+
+    return atomic_write(path, write)
+
+
+class Stopped(Exception):
+    """Work stopped on a signal between two steps, after saving what can be resumed."""
+
+
+class StopFlag:
+    """Set by the first SIGINT or SIGTERM; the training loop stops at the next batch boundary.
+
+    A second signal raises KeyboardInterrupt at once. Outside `watch()` nothing is changed.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def request(self, signum: int = signal.SIGINT, frame: Any = None) -> None:
+        """Ask the loop to stop; the second request aborts at once."""
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def check(self, where: str) -> None:
+        """Raise Stopped when a stop was asked for (call it between two steps of work)."""
+        if self.requested:
+            raise Stopped(f"stopped by {self.signal_name} during {where}")
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[StopFlag]:
+        """Catch SIGINT and SIGTERM while the block runs (main thread only), then restore."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self.request)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """In a data-loader worker: leave SIGINT/SIGTERM to the main process, which saves and stops.
+
+    A scheduler (systemd, Slurm, Kubernetes) signals the whole process group; workers that
+    died on it would break the batch under way with a traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where tqdm draws one updating widget bar)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def progress(items: Iterable[T], *, desc: str, total: int | None = None,
+             unit: str = "batch", every: float = 20.0) -> Iterator[T]:
+    """Iterate with progress suited to where the output goes.
+
+    A terminal gets one tqdm bar, a notebook one updating widget bar; logs (CI, nohup,
+    nbconvert) get a line when the phase starts and then every `every` seconds, with the
+    rate and the expected time left.
+    """
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    if in_notebook() or sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        yield from tqdm(items, desc=desc, total=total, unit=unit, leave=False,
+                        dynamic_ncols=True)
+        return
+    start = last = time.perf_counter()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if now - last >= every:
+            last = now
+            rate = done / (now - start)
+            left = f", about {(total - done) / rate:.0f} s left" if total else ""
+            of = f"/{total}" if total else ""
+            print(f"  {desc}: {done}{of} {unit}s, {rate:.1f} {unit}s/s{left}", file=sys.stderr,
+                  flush=True)
+    elapsed = time.perf_counter() - start
+    if elapsed >= every:  # the phase's one closing line, when it was long enough to report
+        print(f"  {desc}: {done} {unit}s in {elapsed:.0f} s, {done / elapsed:.1f} {unit}s/s",
+              file=sys.stderr, flush=True)
+
+
+@dataclass
+class Distributed:
+    """This process's place among several (torchrun); one process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs, validates and saves."""
+        return self.rank == 0
+
+    def agree(self, flag: bool) -> bool:
+        """True when any process says so (a stop asked of one rank stops them all together)."""
+        if self.world_size == 1:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)], device=_collective_device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+def _collective_device():
+    """The device collectives run on: the process's GPU under NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
