@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -11,21 +12,31 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
+from torchvision.datasets.vision import StandardTransform
 from torchvision.transforms import InterpolationMode
 
 from .backbones import Backbone
-from .images import check_image, is_image_file, open_image
+from .images import check_image, is_hidden, list_image_files, open_image
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "valid", "test")
+FLOWER_IDS = frozenset(str(i) for i in range(1, 103))  # the class folders of the flowers data
 
 
 class DataError(RuntimeError):
     """The data folder or a names file is missing or malformed; the message says what to do."""
 
 
-class BadImageWarning(UserWarning):
+class DataWarning(UserWarning):
+    """Something about the data a user should know; training goes on."""
+
+
+class BadImageWarning(DataWarning):
     """Unreadable images were found in a data set and left out."""
+
+
+class LinkLoopWarning(DataWarning):
+    """Symbolic links that lead back into a folder being listed were skipped."""
 
 
 def data_dir() -> Path:
@@ -63,16 +74,71 @@ def eval_transform(spec: Backbone) -> transforms.Compose:
     ])
 
 
-def image_folder(root: str | os.PathLike, transform=None) -> datasets.ImageFolder:
-    """An ImageFolder read through open_image, or a DataError saying what is missing."""
+def find_class_folders(root: str | os.PathLike) -> list[str]:
+    """The class folders of root, sorted as strings; hidden and editor folders are never classes."""
+    with os.scandir(root) as entries:
+        return sorted(e.name for e in entries if not is_hidden(e.name) and e.is_dir())
+
+
+class PhotoFolder(datasets.ImageFolder):
+    """An ImageFolder listed by list_image_files: links followed once, loops and hidden skipped."""
+
+    def __init__(self, root: str | os.PathLike, transform=None) -> None:
+        self.link_loops: list[str] = []
+        super().__init__(root, transform=transform, loader=open_image)
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        """Class folders and their indices; FileNotFoundError when there are none."""
+        classes = find_class_folders(directory)
+        if not classes:
+            raise FileNotFoundError("no class folders inside; put one folder of images per class "
+                                    "there")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, directory: str | os.PathLike, class_to_idx: dict[str, int],
+                     extensions=None, is_valid_file=None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """(path, class index) of every image; FileNotFoundError names the empty class folders."""
+        samples, empty = [], []
+        for name, index in class_to_idx.items():
+            files, loops = list_image_files(os.path.join(directory, name))
+            samples += [(path, index) for path in files]
+            self.link_loops += loops
+            empty += [] if files else [name]
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"class folder(s) with no images: {', '.join(empty[:5])}; "
+                                    "add images or remove them")
+        return samples
+
+    def subset(self, samples: list[tuple[str, int]], transform=None) -> PhotoFolder:
+        """The same classes with only these samples and another transform."""
+        part = copy.copy(self)
+        part.samples = part.imgs = list(samples)
+        part.targets = [label for _, label in samples]
+        part.transform, part.transforms = transform, StandardTransform(transform, None)
+        return part
+
+
+def warn_link_loops(loops: list[str]) -> None:
+    """One LinkLoopWarning naming the skipped links, if any."""
+    if loops:
+        more = f" and {len(loops) - 3} more" if len(loops) > 3 else ""
+        warnings.warn(f"skipped {len(loops)} symbolic link(s) leading back into a folder being "
+                      f"listed: {', '.join(loops[:3])}{more}; remove them", LinkLoopWarning,
+                      stacklevel=3)
+
+
+def image_folder(root: str | os.PathLike, transform=None) -> PhotoFolder:
+    """A PhotoFolder of root, or a DataError saying what is missing."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; it should hold one folder of images per class")
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=open_image,
-                                    is_valid_file=is_image_file)
+        dataset = PhotoFolder(root, transform=transform)
     except FileNotFoundError as err:  # no class folders, or a class folder with no images
         raise DataError(f"{root}: {err}") from None
+    warn_link_loops(dataset.link_loops)
+    return dataset
 
 
 def drop_bad_images(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
@@ -133,7 +199,7 @@ def load_category_names(path: str | os.PathLike | None = None) -> dict[str, str]
     """Class folder -> flower name from a JSON file (default: the project's cat_to_name.json)."""
     path = Path(path) if path else PROJECT_ROOT / "cat_to_name.json"
     try:
-        names = json.loads(path.read_text(encoding="utf-8"))
+        names = json.loads(path.read_text(encoding="utf-8-sig"))  # Windows editors add a BOM
     except FileNotFoundError:
         raise DataError(f"{path}: no such names file; give a JSON file of class -> name") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -151,6 +217,25 @@ def class_names(class_to_idx: dict[str, int], names: dict[str, str] | None = Non
         warnings.warn(f"no name for class folder(s) {', '.join(missing[:5])} in the names file; "
                       "using the folder names", stacklevel=2)
     return [(names or {}).get(folder, folder) for folder, _ in by_index]
+
+
+def choose_names(class_to_idx: dict[str, int], *, root: str | os.PathLike,
+                 names_file: str | os.PathLike | None = None) -> tuple[list[str], str]:
+    """Names per output index, and where they came from.
+
+    The user's names file wins, then root/cat_to_name.json, then the project's flower names
+    but only for the 102 flower folders "1".."102"; otherwise the folder names are the names.
+    """
+    found = Path(root) / "cat_to_name.json"
+    if names_file:
+        source = Path(names_file)
+    elif found.is_file():
+        source = found
+    elif set(class_to_idx) == FLOWER_IDS:
+        source = PROJECT_ROOT / "cat_to_name.json"
+    else:
+        return class_names(class_to_idx), "class names: the folder names"
+    return class_names(class_to_idx, load_category_names(source)), f"class names: from {source}"
 
 
 def summarize(datasets_: dict[str, datasets.ImageFolder]) -> dict[str, dict[str, int]]:
