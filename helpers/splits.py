@@ -171,6 +171,31 @@ def _warn_about(folders: dict[str, PhotoFolder], small: list[int], leaks: list[t
                       stacklevel=3)
 
 
+def _split_folders(root: Path, spec: Backbone) -> tuple[dict[str, PhotoFolder], str]:
+    """The split folders under root (root itself as train/ when it has none), and what was found."""
+    given = [split for split in SPLITS if (root / split).is_dir()]
+    if given and "train" not in given:
+        raise DataError(f"{root}: {'/, '.join(given)}/ but no train/ folder; add train/ with "
+                        "one folder of images per class")
+    if not given:
+        folders = {"train": _open_folder(root)}
+        return folders, f"no split folders: {len(folders['train'])} images in the class folders"
+    folders = {split: _open_folder(root / split, None if split == "train" else
+                                   eval_transform(spec)) for split in given}
+    return folders, "found " + ", ".join(f"{s}/ ({len(ds)} images)" for s, ds in folders.items())
+
+
+def _leaks(groups: list[list[int]], paths: list[str], where: list[str]) -> list[tuple[str, str]]:
+    """(training copy, held-out copy) of each group of identical files on both sides."""
+    leaks = []
+    for group in groups:
+        train = [paths[i] for i in group if where[i] == "train"]
+        held = [paths[i] for i in group if where[i] != "train"]
+        if train and held:
+            leaks.append((min(train), min(held)))
+    return leaks
+
+
 def load_data(root: str | os.PathLike, spec: Backbone, *, valid_fraction: float = VALID_FRACTION,
               test_fraction: float = TEST_FRACTION, names_file: str | os.PathLike | None = None,
               check: bool = True) -> DataSplits:
@@ -185,30 +210,22 @@ def load_data(root: str | os.PathLike, spec: Backbone, *, valid_fraction: float 
                          "must be >= 0 and sum to less than 1")
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; give a folder of class folders of photos")
-    given = [split for split in SPLITS if (root / split).is_dir()]
-    if given and "train" not in given:
-        raise DataError(f"{root}: {'/, '.join(given)}/ but no train/ folder; add train/ with "
-                        "one folder of images per class")
-    folders = {split: _open_folder(root / split, None if split == "train" else
-                                   eval_transform(spec)) for split in given}
-    folders = folders or {"train": _open_folder(root)}
+    folders, found = _split_folders(root, spec)
+    messages = [found]
     warn_link_loops([loop for ds in folders.values() for loop in ds.link_loops])
-    sizes = ", ".join(f"{split}/ ({len(ds)} images)" for split, ds in folders.items())
-    messages = [f"found {sizes}" if given else
-                f"no split folders: {len(folders['train'])} images in the class folders of {root}"]
     for ds in folders.values() if check else ():
         if bad := drop_bad_images(ds):
             messages.append(f"left out {len(bad)} unreadable image(s) of {ds.root}")
     _check_classes(folders)
 
-    pool = folders["train"]
+    pool = folders["train"]  # train/, or root itself: the photos the missing splits come from
     fractions = {split: fraction for split, fraction in (("valid", valid_fraction),
                  ("test", test_fraction)) if split not in folders and fraction > 0}
-    paths = [path for ds in folders.values() for path, _ in ds.samples]
-    groups = duplicate_groups(paths)
+    paths = [_relative(path, root) for ds in folders.values() for path, _ in ds.samples]
+    groups = duplicate_groups([os.path.join(root, p) for p in paths])
     in_pool = [[i for i in group if i < len(pool)] for group in groups]
-    sides, small = carve_splits([_relative(p, root) for p, _ in pool.samples], pool.targets,
-                                fractions, groups=[g for g in in_pool if len(g) > 1])
+    sides, small = carve_splits(paths[:len(pool)], pool.targets, fractions,
+                                groups=[group for group in in_pool if len(group) > 1])
     sets = {"train": pool.subset([s for s, side in zip(pool.samples, sides, strict=True)
                                   if side == "train"], train_transform(spec))}
     held_out = {}
@@ -222,10 +239,7 @@ def load_data(root: str | os.PathLike, spec: Backbone, *, valid_fraction: float 
             messages.append(f"no {split}/ folder: {len(samples)} of {len(pool)} images held out "
                             f"for {PURPOSE[split]}")
     where = sides + [split for split, ds in folders.items() if split != "train" for _ in ds.samples]
-    leaks = [(_relative(paths[min(t)], root), _relative(paths[min(h)], root)) for group in groups
-             if (t := [i for i in group if where[i] == "train"])
-             and (h := [i for i in group if where[i] != "train"])]
-    _warn_about(folders, small if fractions else [], leaks)
+    _warn_about(folders, small, _leaks(groups, paths, where))
     names, source = choose_names(pool.class_to_idx, root=root, names_file=names_file)
     return DataSplits(root=root, sets=sets, class_to_idx=dict(pool.class_to_idx), names=names,
                       held_out=held_out, messages=[*messages, source])
