@@ -74,22 +74,37 @@ def eval_transform(spec: Backbone) -> transforms.Compose:
     ])
 
 
+def _class_folders(root: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Class folder names, and links among them that lead back to root or above (loops)."""
+    real = Path(os.path.realpath(root))
+    names, loops = [], []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if not is_hidden(entry.name) and entry.is_dir():
+                if Path(os.path.realpath(entry.path)) in (real, *real.parents):
+                    loops.append(entry.name)
+                else:
+                    names.append(entry.name)
+    return sorted(names), [os.path.join(root, name) for name in sorted(loops)]
+
+
 def find_class_folders(root: str | os.PathLike) -> list[str]:
     """The class folders of root, sorted as strings; hidden and editor folders are never classes."""
-    with os.scandir(root) as entries:
-        return sorted(e.name for e in entries if not is_hidden(e.name) and e.is_dir())
+    return _class_folders(root)[0]
 
 
 class PhotoFolder(datasets.ImageFolder):
-    """An ImageFolder listed by list_image_files: links followed once, loops and hidden skipped."""
+    """An ImageFolder listed by list_image_files: links followed once, loops and hidden skipped.
+
+    `link_loops` holds the links skipped because they lead back into a folder being listed.
+    """
 
     def __init__(self, root: str | os.PathLike, transform=None) -> None:
-        self.link_loops: list[str] = []
         super().__init__(root, transform=transform, loader=open_image)
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         """Class folders and their indices; FileNotFoundError when there are none."""
-        classes = find_class_folders(directory)
+        classes, self.link_loops = _class_folders(directory)
         if not classes:
             raise FileNotFoundError("no class folders inside; put one folder of images per class "
                                     "there")
@@ -104,7 +119,8 @@ class PhotoFolder(datasets.ImageFolder):
             files, loops = list_image_files(os.path.join(directory, name))
             samples += [(path, index) for path in files]
             self.link_loops += loops
-            empty += [] if files else [name]
+            if not files:
+                empty.append(name)
         if empty and not allow_empty:
             raise FileNotFoundError(f"class folder(s) with no images: {', '.join(empty[:5])}; "
                                     "add images or remove them")

@@ -59,7 +59,7 @@ class DataSplits:
     messages: list[str] = field(default_factory=list)  # one line per thing done, for the caller
 
     def digest(self) -> str:
-        """sha256 of every split's files (relative path and size) and class_to_idx."""
+        """sha256 of every split's files (relative path, size as on disk now) and class_to_idx."""
         files = {split: sorted((_relative(path, self.root), os.path.getsize(path))
                                for path, _ in ds.samples) for split, ds in self.sets.items()}
         text = json.dumps({"class_to_idx": self.class_to_idx, "files": files}, sort_keys=True)
@@ -75,7 +75,7 @@ def uniform_hash(relative_path: str) -> float:
     return int.from_bytes(hashlib.sha256(relative_path.encode()).digest()[:8], "big") / 2**64
 
 
-def carve_splits(paths: Sequence[str], labels: Sequence[int], fractions: dict[str, float], *,
+def carve_splits(paths: Sequence[str], labels: Sequence[int], *, fractions: dict[str, float],
                  groups: Sequence[Sequence[int]] = ()) -> tuple[list[str], list[int]]:
     """The split of each file ("train", "valid" or "test") and the classes too small to split.
 
@@ -150,7 +150,8 @@ def _check_classes(folders: dict[str, PhotoFolder]) -> None:
                         f"{', '.join(empty[:5])}; add photos or remove the folders")
 
 
-def _warn_about(folders: dict[str, PhotoFolder], small: list[int], leaks: list[tuple[str, str]]):
+def _warn_about(folders: dict[str, PhotoFolder], small: list[int],
+                leaks: list[tuple[str, str]]) -> None:
     """Warnings for tiny classes, strong imbalance, and photos both in train and held out."""
     classes = folders["train"].classes
     if small:
@@ -224,7 +225,7 @@ def load_data(root: str | os.PathLike, spec: Backbone, *, valid_fraction: float 
     paths = [_relative(path, root) for ds in folders.values() for path, _ in ds.samples]
     groups = duplicate_groups([os.path.join(root, p) for p in paths])
     in_pool = [[i for i in group if i < len(pool)] for group in groups]
-    sides, small = carve_splits(paths[:len(pool)], pool.targets, fractions,
+    sides, small = carve_splits(paths[:len(pool)], pool.targets, fractions=fractions,
                                 groups=[group for group in in_pool if len(group) > 1])
     sets = {"train": pool.subset([s for s, side in zip(pool.samples, sides, strict=True)
                                   if side == "train"], train_transform(spec))}

@@ -105,16 +105,17 @@ def _paths_with_hash(low: float, high: float, count: int, prefix: str) -> list[s
 def test_carving_thresholds_fix_ups_and_duplicate_groups():
     fractions = {"valid": 0.2, "test": 0.2}
     held = _paths_with_hash(0.0, 0.4, 3, "c")  # all three would be held out
-    sides, small = splits.carve_splits(held, [0, 0, 0], fractions)
+    sides, small = splits.carve_splits(held, [0, 0, 0], fractions=fractions)
     keep = max(held, key=splits.uniform_hash)  # the least held-out one goes back to training
     assert [p for p, s in zip(held, sides, strict=True) if s == "train"] == [keep] and small == []
-    assert splits.carve_splits(held[:2], [0, 1], fractions) == (["train", "train"], [0, 1])
-    test, train = _paths_with_hash(0.0, 0.2, 1, "d") + _paths_with_hash(0.5, 1.0, 3, "d")[:1]
+    one_each = splits.carve_splits(held[:2], [0, 1], fractions=fractions)
+    assert one_each == (["train", "train"], [0, 1])  # too small to split: both warned about
+    test, train = _paths_with_hash(0.0, 0.2, 1, "d")[0], _paths_with_hash(0.5, 1.0, 1, "d")[0]
     others = _paths_with_hash(0.5, 1.0, 3, "e")
-    sides, _ = splits.carve_splits([test, train, *others], [0, 0, 0, 0, 0], fractions,
-                                   groups=[[1, 0]])
+    sides, _ = splits.carve_splits([test, train, *others], [0, 0, 0, 0, 0],
+                                   fractions=fractions, groups=[[1, 0]])
     assert sides[:2] == ["test", "test"]  # the group follows its lowest hash
-    only_valid, _ = splits.carve_splits([test, train], [0, 0], {"valid": 0.2}, groups=[])
+    only_valid, _ = splits.carve_splits([test, train], [0, 0], fractions={"valid": 0.2})
     assert only_valid == ["valid", "train"]
 
 
@@ -250,3 +251,16 @@ def test_ensure_data_uses_any_folder_of_photos_as_it_is(tmp_path):
     with pytest.raises(data.DataError, match="cannot download"):  # empty: it tries
         download.ensure_data(empty, "course", "http://127.0.0.1:9/flower_data.tar.gz")
     assert os.listdir(empty) == []
+
+
+def test_a_class_folder_linking_back_to_the_root_is_a_loop_not_a_class(tmp_path):
+    root = _plain(tmp_path / "photos", per_class=3)
+    (root / "everything").symlink_to(root)
+    with pytest.warns(data.LinkLoopWarning, match="everything"):
+        ds = data.image_folder(root)
+    assert ds.classes == CLASSES and len(ds) == 9
+    with pytest.warns(data.LinkLoopWarning):
+        result = splits.load_data(root, LITE0)
+    loaders = data.make_loaders(result.sets, batch_size=4, num_workers=2)
+    batch, labels = next(iter(loaders["test"]))  # carved sets travel to worker processes
+    assert batch.shape[1:] == (3, 224, 224) and set(labels.tolist()) <= {0, 1, 2}
