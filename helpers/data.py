@@ -1,4 +1,4 @@
-"""Where the data lives, how images are transformed, and the train/valid/test loaders."""
+"""Where the data lives, its class folders listed, how images are transformed, loaders, names."""
 
 from __future__ import annotations
 
@@ -175,7 +175,10 @@ def drop_bad_images(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
 
 def load_datasets(root: str | os.PathLike, spec: Backbone, splits: tuple[str, ...] = SPLITS,
                   check: bool = True) -> dict[str, datasets.ImageFolder]:
-    """ImageFolders for the splits under root: train augmented, the others centre-cropped.
+    """ImageFolders for the split folders under root: train augmented, the others centre-cropped.
+
+    Only split folders that exist are read; splits.load_data accepts any layout and carves out
+    the splits a folder lacks.
 
     With `check`, unreadable images are found first and left out with a BadImageWarning,
     so training never stops half-way on a damaged file.

@@ -144,7 +144,8 @@ def _check_classes(folders: dict[str, PhotoFolder]) -> None:
             extra = sorted(set(ds.class_to_idx) ^ set(train.class_to_idx))
             raise DataError(f"{ds.root}: its classes differ from train/ ({', '.join(extra[:5])});"
                             " every split needs the same class folders")
-    empty = [c for c, i in train.class_to_idx.items() if i not in set(train.targets)]
+    present = set(train.targets)
+    empty = [c for c, i in train.class_to_idx.items() if i not in present]
     if empty:
         raise DataError(f"{train.root}: no readable images in class folder(s) "
                         f"{', '.join(empty[:5])}; add photos or remove the folders")
