@@ -1,8 +1,8 @@
-"""Where the data lives, how images are transformed, and the train/valid/test loaders."""
+"""Where the data lives, its class folders listed, how images are transformed, loaders, names."""
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import os
 import warnings
 from collections import Counter
@@ -11,22 +11,29 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
+from torchvision.datasets.vision import StandardTransform
 from torchvision.transforms import InterpolationMode
 
 from .backbones import Backbone
-from .images import check_image, is_image_file, open_image
-from .runtime import Distributed, UserError, ignore_stop_signals
+from .images import check_image, is_hidden, list_image_files, open_image
+from .names import DataError, class_names, load_category_names
+from .runtime import Distributed, ignore_stop_signals
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "valid", "test")
+FLOWER_IDS = frozenset(str(i) for i in range(1, 103))  # the class folders of the flowers data
 
 
-class DataError(UserError):
-    """The data folder or a names file is missing or malformed; the message says what to do."""
+class DataWarning(UserWarning):
+    """Something about the data a user should know; training goes on."""
 
 
-class BadImageWarning(UserWarning):
+class BadImageWarning(DataWarning):
     """Unreadable images were found in a data set and left out."""
+
+
+class LinkLoopWarning(DataWarning):
+    """Symbolic links that lead back into a folder being listed were skipped."""
 
 
 def data_dir() -> Path:
@@ -64,16 +71,87 @@ def eval_transform(spec: Backbone) -> transforms.Compose:
     ])
 
 
-def image_folder(root: str | os.PathLike, transform=None) -> datasets.ImageFolder:
-    """An ImageFolder read through open_image, or a DataError saying what is missing."""
+def _class_folders(root: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Class folder names, and links among them that lead back to root or above (loops)."""
+    real = Path(os.path.realpath(root))
+    names, loops = [], []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if not is_hidden(entry.name) and entry.is_dir():
+                if Path(os.path.realpath(entry.path)) in (real, *real.parents):
+                    loops.append(entry.name)
+                else:
+                    names.append(entry.name)
+    return sorted(names), [os.path.join(root, name) for name in sorted(loops)]
+
+
+def find_class_folders(root: str | os.PathLike) -> list[str]:
+    """The class folders of root, sorted as strings; hidden and editor folders are never classes."""
+    return _class_folders(root)[0]
+
+
+class PhotoFolder(datasets.ImageFolder):
+    """An ImageFolder listed by list_image_files: links followed once, loops and hidden skipped.
+
+    `link_loops` holds the links skipped because they lead back into a folder being listed.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform=None) -> None:
+        super().__init__(root, transform=transform, loader=open_image)
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        """Class folders and their indices; FileNotFoundError when there are none."""
+        classes, self.link_loops = _class_folders(directory)
+        if not classes:
+            raise FileNotFoundError("no class folders inside; put one folder of images per class "
+                                    "there")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, directory: str | os.PathLike, class_to_idx: dict[str, int],
+                     extensions=None, is_valid_file=None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """(path, class index) of every image; FileNotFoundError names the empty class folders."""
+        samples, empty = [], []
+        for name, index in class_to_idx.items():
+            files, loops = list_image_files(os.path.join(directory, name))
+            samples += [(path, index) for path in files]
+            self.link_loops += loops
+            if not files:
+                empty.append(name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"class folder(s) with no images: {', '.join(empty[:5])}; "
+                                    "add images or remove them")
+        return samples
+
+    def subset(self, samples: list[tuple[str, int]], transform=None) -> PhotoFolder:
+        """The same classes with only these samples and another transform."""
+        part = copy.copy(self)
+        part.samples = part.imgs = list(samples)
+        part.targets = [label for _, label in samples]
+        part.transform, part.transforms = transform, StandardTransform(transform, None)
+        return part
+
+
+def warn_link_loops(loops: list[str]) -> None:
+    """One LinkLoopWarning naming the skipped links, if any."""
+    if loops:
+        more = f" and {len(loops) - 3} more" if len(loops) > 3 else ""
+        warnings.warn(f"skipped {len(loops)} symbolic link(s) leading back into a folder being "
+                      f"listed: {', '.join(loops[:3])}{more}; remove them", LinkLoopWarning,
+                      stacklevel=3)
+
+
+def image_folder(root: str | os.PathLike, transform=None) -> PhotoFolder:
+    """A PhotoFolder of root, or a DataError saying what is missing."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; it should hold one folder of images per class")
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=open_image,
-                                    is_valid_file=is_image_file)
+        dataset = PhotoFolder(root, transform=transform)
     except FileNotFoundError as err:  # no class folders, or a class folder with no images
         raise DataError(f"{root}: {err}") from None
+    warn_link_loops(dataset.link_loops)
+    return dataset
 
 
 def drop_bad_images(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
@@ -94,7 +172,10 @@ def drop_bad_images(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
 
 def load_datasets(root: str | os.PathLike, spec: Backbone, splits: tuple[str, ...] = SPLITS,
                   check: bool = True) -> dict[str, datasets.ImageFolder]:
-    """ImageFolders for the splits under root: train augmented, the others centre-cropped.
+    """ImageFolders for the split folders under root: train augmented, the others centre-cropped.
+
+    Only split folders that exist are read; splits.load_data accepts any layout and carves out
+    the splits a folder lacks.
 
     With `check`, unreadable images are found first and left out with a BadImageWarning,
     so training never stops half-way on a damaged file.
@@ -140,17 +221,25 @@ def make_loaders(datasets_: dict[str, datasets.ImageFolder], *, batch_size: int 
     return loaders
 
 
-def files_digest(datasets_: dict[str, datasets.ImageFolder], root: str | os.PathLike) -> str:
-    """A sha256 of what a run trained on: every split's files (path relative to root, size,
-    class), so a resumable state is never continued on other data."""
-    h = hashlib.sha256()
-    for split in sorted(datasets_):
-        ds = datasets_[split]
-        h.update(f"{split}\0{sorted(ds.class_to_idx.items())}\n".encode())
-        for path, label in ds.samples:
-            rel = os.path.relpath(path, root)
-            h.update(f"{rel}\0{os.path.getsize(path)}\0{label}\n".encode())
-    return h.hexdigest()
+
+
+def choose_names(class_to_idx: dict[str, int], *, root: str | os.PathLike,
+                 names_file: str | os.PathLike | None = None) -> tuple[list[str], str]:
+    """Names per output index, and where they came from.
+
+    The user's names file wins, then root/cat_to_name.json, then the project's flower names
+    but only for the 102 flower folders "1".."102"; otherwise the folder names are the names.
+    """
+    found = Path(root) / "cat_to_name.json"
+    if names_file:
+        source = Path(names_file)
+    elif found.is_file():
+        source = found
+    elif set(class_to_idx) == FLOWER_IDS:
+        source = PROJECT_ROOT / "cat_to_name.json"
+    else:
+        return class_names(class_to_idx), "class names: the folder names"
+    return class_names(class_to_idx, load_category_names(source)), f"class names: from {source}"
 
 
 def summarize(datasets_: dict[str, datasets.ImageFolder]) -> dict[str, dict[str, int]]:

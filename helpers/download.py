@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .data import SPLITS, DataError, data_dir
-from .images import IMAGE_EXTENSIONS
+from .data import SPLITS, DataError, data_dir, find_class_folders
+from .images import IMAGE_EXTENSIONS, list_image_files
 
 COURSE_URL = "https://s3.amazonaws.com/content.udacity-data.com/nd089/flower_data.tar.gz"
 FLOWERS102_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
@@ -64,6 +64,15 @@ def check_layout(root: str | os.PathLike, num_classes: int = NUM_CLASSES,
         raise DataError(f"{root}: {images} images, expected {num_images}")
 
 
+def has_images(root: str | os.PathLike) -> bool:
+    """True when root has a train/ folder or a class folder with an image in it."""
+    root = Path(root)
+    if (root / "train").is_dir():
+        return True
+    return root.is_dir() and any(list_image_files(root / name)[0]
+                                 for name in find_class_folders(root))
+
+
 def _extract(archive: Path, into: Path) -> None:
     """Unpack a tar archive, refusing paths that escape the folder."""
     try:
@@ -112,12 +121,16 @@ def arrange_flowers102(folder: str | os.PathLike, dest: str | os.PathLike,
 def ensure_data(root: str | os.PathLike | None = None, source: str = "course",
                 base_url: str | None = None, md5s: dict[str, str] | None = None,
                 num_classes: int = NUM_CLASSES, num_images: int = NUM_IMAGES) -> Path:
-    """The data folder, downloaded and arranged first when it is missing."""
+    """The data folder, downloaded and arranged first when it is missing or empty.
+
+    A folder with images in any layout load_data accepts is used as it is.
+    """
     root = Path(root) if root else data_dir()
-    if (root / "train").is_dir():
+    if has_images(root):
         return root
     if root.exists() and any(root.iterdir()):
-        raise DataError(f"{root}: exists but has no train/ folder; expected train/, valid/, test/")
+        raise DataError(f"{root}: no train/ folder and no class folders of images; put one folder "
+                        "of images per class there, or empty it to download the flowers")
     root.parent.mkdir(parents=True, exist_ok=True)
     if source not in ("course", "flowers102"):
         raise DataError(f"unknown data source {source!r}; choose course or flowers102")

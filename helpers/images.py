@@ -1,8 +1,10 @@
-"""Opening any image file as an upright 8-bit RGB picture, or failing with a clear message,
-and `process_image`: the one preprocessing of every prediction (PIL and NumPy, no torch)."""
+"""Finding image files in a folder, opening any of them as an upright 8-bit RGB picture (or
+failing with a clear message), and `process_image`: the one preprocessing of every
+prediction (PIL and NumPy, no torch)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -12,17 +14,84 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .runtime import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+HEIF_EXTENSIONS = (".heic", ".heif")  # phone photos; read through pillow-heif
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif",
+                    ".tiff", *HEIF_EXTENSIONS)
+
+
+def is_hidden(name: str) -> bool:
+    """True for names that are never data: dot files and folders, __MACOSX, __pycache__ and such."""
+    return name.startswith((".", "__"))
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
     """True for a visible file with an image extension."""
     name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+    return not is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
+def list_image_files(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Image files under folder, sorted, and the links skipped because they loop back.
+
+    Links are followed, but every real folder and file is listed once however many links
+    reach it; a link to a folder being listed (or one above it) would repeat it forever.
+    """
+    folder = os.fspath(folder)
+    real = Path(os.path.realpath(folder))
+    above = frozenset(_identity(os.stat(p)) for p in (real, *real.parents))
+    files, loops, seen = [], [], set(above)
+
+    def walk(path: str, ancestors: frozenset) -> None:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:  # unreadable folder
+            return
+        for entry in entries:
+            if is_hidden(entry.name):
+                continue
+            try:
+                is_dir = entry.is_dir()
+                if not is_dir and not (entry.is_file() and is_image_file(entry.name)):
+                    continue
+                key = _identity(entry.stat())
+            except OSError:  # a broken link, or a file removed meanwhile
+                continue
+            if is_dir and key in ancestors:
+                loops.append(entry.path)
+            elif key not in seen:
+                seen.add(key)
+                if is_dir:
+                    walk(entry.path, ancestors | {key})
+                else:
+                    files.append(entry.path)
+
+    walk(folder, above)
+    return sorted(files), loops
 
 
 class ImageError(UserError, ValueError):
     """An image file cannot be read; the message names the file and what to do."""
+
+
+@functools.cache
+def _heif_opener() -> bool:
+    """Teach PIL to read HEIC/HEIF once, on first need; False when pillow-heif is missing."""
+    try:
+        import pillow_heif
+        pillow_heif.register_heif_opener()
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def _require_opener(path: Path) -> None:
+    """Raise ImageError for a HEIC/HEIF photo when pillow-heif is not installed."""
+    if path.suffix.lower() in HEIF_EXTENSIONS and not _heif_opener():
+        raise ImageError(f"{path}: HEIC/HEIF photos need pillow-heif; pip install pillow-heif")
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -54,6 +123,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such image file; check the path")
+    _require_opener(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -73,7 +143,11 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 
 
 def check_image(path: str | os.PathLike) -> str | None:
-    """Why an image file cannot be used, or None if it decodes (a fast, reduced-size decode)."""
+    """Why an image file cannot be used, or None if it decodes (a fast, reduced-size decode).
+
+    A HEIC/HEIF photo without pillow-heif raises ImageError: the setup, not the file, is at fault.
+    """
+    _require_opener(Path(path))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -16,8 +16,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FLOWER_NAMES = PROJECT_ROOT / "cat_to_name.json"
 
 
-class NamesError(UserError):
-    """A names file is missing or malformed; the message names it and says what to do."""
+class DataError(UserError):
+    """The data folder or a names file is missing or malformed; the message says what to do."""
 
 
 def load_category_names(path: str | os.PathLike | None = None) -> dict[str, str]:
@@ -26,11 +26,11 @@ def load_category_names(path: str | os.PathLike | None = None) -> dict[str, str]
     try:
         names = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is fine
     except FileNotFoundError:
-        raise NamesError(f"{path}: no such names file; give a JSON file of class -> name") from None
+        raise DataError(f"{path}: no such names file; give a JSON file of class -> name") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise NamesError(f"{path}: not valid JSON ({err}); fix or remove the names file") from None
+        raise DataError(f"{path}: not valid JSON ({err}); fix or remove the names file") from None
     if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
-        raise NamesError(f'{path}: expected a JSON object like {{"1": "pink primrose"}}')
+        raise DataError(f'{path}: expected a JSON object like {{"1": "pink primrose"}}')
     return {str(k): v for k, v in names.items()}
 
 
