@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +30,15 @@ from .inference import logits_of
 from .model import Classifier, build_model
 from .runtime import Distributed, StopFlag, autocast, seed_everything
 from .train import Phase, Plan, accuracy, fit, predict_probs
+
+
+def final_config(config: TrainConfig, history: list[dict[str, Any]]) -> TrainConfig:
+    """The settings of a final model on all labelled images: the first run's, with as many
+    epochs of the last phase as that run's kept epoch had (0: the probe alone)."""
+    kept = next(row for row in history if row.get("kept"))
+    last_phase = history[-1]["phase"]
+    epochs = kept["phase_epoch"] if kept["phase"] == last_phase else 0
+    return dataclasses.replace(config, epochs=epochs)
 
 
 def new_model(sets: dict[str, datasets.ImageFolder], config: TrainConfig, *,
@@ -129,7 +139,7 @@ def cached_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config
     net = CachedModel(cache.tail, model.head).to(device)
     y_train = _labels(sets["train"])
     x_train = cache.get(sets["train"], "centre")
-    for view in ["centre", "flip"] if config.tta else ["centre"]:
+    for view in (["centre", "flip"] if config.tta else ["centre"]) if "valid" in sets else []:
         cache.get(sets["valid"], view)  # extracted now, so that phases time training alone
     loss = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     phases = []
@@ -161,14 +171,15 @@ def cached_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config
         return accuracy(cached_probs(net, cache, sets["valid"], device, config=config),
                         _labels(sets["valid"]))
 
-    return Plan(model=net, phases=phases, validate=validate, seed=config.seed), cache
+    return Plan(model=net, phases=phases, validate=validate if "valid" in sets else None,
+                seed=config.seed), cache
 
 
 def _image_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
                 device: torch.device, *, optimizer: torch.optim.Optimizer,
                 scheduled: bool, dist: Distributed | None = None) -> Plan:
     """A plan that trains `model` on augmented images with `optimizer` for config.epochs."""
-    loaders = make_loaders({s: sets[s] for s in ("train", "valid")},
+    loaders = make_loaders({s: sets[s] for s in ("train", "valid") if s in sets},
                            batch_size=config.batch_size, dist=dist)
     scheduler = (_one_cycle(optimizer, config.epochs * len(loaders["train"])) if scheduled
                  else None)
@@ -181,7 +192,8 @@ def _image_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config
         return accuracy(*predict_probs(model, loaders["valid"], device,
                                        mixed_precision=config.fast, mirror=config.tta))
 
-    return Plan(model=model, phases=[phase], validate=validate, seed=config.seed)
+    return Plan(model=model, phases=[phase], validate=validate if "valid" in loaders else None,
+                seed=config.seed)
 
 
 def full_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,

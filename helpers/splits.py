@@ -208,8 +208,8 @@ def load_data(root: str | os.PathLike, spec: Backbone, *, valid_fraction: float 
     """
     root = Path(root).expanduser()
     if min(valid_fraction, test_fraction) < 0 or valid_fraction + test_fraction >= 1:
-        raise ValueError(f"valid_fraction {valid_fraction} and test_fraction {test_fraction} "
-                         "must be >= 0 and sum to less than 1")
+        raise DataError(f"--valid_fraction {valid_fraction} and --test_fraction {test_fraction} "
+                        "must be >= 0 and sum to less than 1")
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; give a folder of class folders of photos")
     folders, found = _split_folders(root, spec)

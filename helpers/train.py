@@ -46,7 +46,8 @@ class Plan:
 
     model: nn.Module  # its state is what the best epoch and the resumable state keep
     phases: list[Phase]
-    validate: Callable[[], dict[str, float]]  # loss, top1, top5 on the valid split
+    validate: Callable[[], dict[str, float]] | None  # loss, top1, top5 on the valid split;
+    # None: no valid split (a final model on all labelled images keeps its last epoch)
     seed: int = 0
     identity: dict[str, Any] = field(default_factory=dict)  # what a resumable state belongs to
 
@@ -116,7 +117,9 @@ class _Run:
     def record(self, phase: Phase, epoch: int, trained: dict[str, float],
                log: Callable[[str], None] | None) -> None:
         """Validate, add the history row, log it, keep the best epoch's weights, save."""
-        valid = self.plan.validate()
+        nan = float("nan")
+        valid = (self.plan.validate() if self.plan.validate is not None
+                 else {"loss": nan, "top1": nan, "top5": nan})
         number = sum(1 for r in self.history if r["phase"] == phase.name) + 1
         row = {"phase": phase.name, "epoch": epoch, "phase_epoch": number,
                "train_loss": trained["loss"], "train_top1": trained["top1"],
@@ -125,10 +128,11 @@ class _Run:
         self.history.append(row)
         if log and self.dist.is_main:
             count = f" {number}/{phase.epochs}" if phase.epochs > 1 else ""
-            log(f"{phase.name}{count}: train loss {row['train_loss']:.3f}  valid loss "
-                f"{row['valid_loss']:.3f}  valid accuracy {row['valid_top1']:.1%}  "
+            judged = (f"  valid loss {row['valid_loss']:.3f}  valid accuracy "
+                      f"{row['valid_top1']:.1%}" if self.plan.validate is not None else "")
+            log(f"{phase.name}{count}: train loss {row['train_loss']:.3f}{judged}  "
                 f"({row['seconds']:.0f} s)")
-        if valid["top1"] > self.best_top1:
+        if self.plan.validate is not None and valid["top1"] > self.best_top1:
             self.best_top1 = valid["top1"]
             self.best_state = copy.deepcopy(self.plan.model.state_dict())
 
@@ -136,8 +140,11 @@ class _Run:
         """Restore the best epoch's weights and mark its row kept; returns the history."""
         if self.best_state is not None:
             self.plan.model.load_state_dict(self.best_state)
-        best = max(range(len(self.history)), key=lambda i: self.history[i]["valid_top1"],
-                   default=None)
+        if self.plan.validate is None:  # nothing to choose by: the last epoch is kept
+            best = len(self.history) - 1
+        else:
+            best = max(range(len(self.history)), key=lambda i: self.history[i]["valid_top1"],
+                       default=None)
         for i, row in enumerate(self.history):  # the first of equal bests is the one kept
             row["kept"] = i == best
         return self.history

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import warnings
 
@@ -37,7 +38,7 @@ def build_parser(prog: str = "python -m helpers") -> argparse.ArgumentParser:
 
 def _is_user_error(err: BaseException) -> bool:
     """True for the project's own error types and the OS errors a user causes."""
-    if isinstance(err, UserError | USER_OS_ERRORS):
+    if isinstance(err, (UserError, *USER_OS_ERRORS)):
         return True
     return isinstance(err, OSError) and err.errno in FULL_DISK
 
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (| head): stop quietly, as other tools do
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 0
     except Exception as err:
         if not _is_user_error(err):
             raise

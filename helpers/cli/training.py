@@ -53,8 +53,18 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "channels_last where the hardware has them)")
     p.add_argument("--gpu", action="store_true", help="use the GPU (CUDA or Apple MPS)")
     p.add_argument("--names", "--category_names", dest="names",
-                   help="JSON file of class folder -> name (default: the data's own "
-                        "cat_to_name.json, else the folder names)")
+                   help="JSON file of class folder -> name (default: DATA/cat_to_name.json, "
+                        "else the flower names for the 102 flower folders, else the folder "
+                        "names)")
+    p.add_argument("--valid_fraction", type=float, default=0.2,
+                   help="share of each class held out for validation when there is no "
+                        "valid/ folder (default %(default)s)")
+    p.add_argument("--test_fraction", type=float, default=0.2,
+                   help="share of each class held out for testing when there is no test/ "
+                        "folder (default %(default)s)")
+    p.add_argument("--final", action="store_true",
+                   help="after choosing epochs, temperature and threshold on valid, train a "
+                        "final model on train+valid with those choices and save it")
 
 
 def config_from(args: argparse.Namespace) -> TrainConfig:
@@ -114,59 +124,118 @@ def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, devic
                   again: str) -> dict:
     """Load the data, train, calibrate on valid, report valid/test, save the checkpoint.
 
-    `again` is the command line that resumes this run (shown when it is interrupted).
+    `again` is the command line that resumes this run (shown when it is interrupted). With
+    --final a second model trains on train+valid with the first run's choices and is saved.
     """
     check_writable(out, "--save_dir" if "train" in again else "--out")
     config = config_from(args)
     check_config(config)
-    from .. import checkpoint, data, evaluate, inference, model, recipes
+    from .. import checkpoint, model, recipes, splits
 
     start = time.perf_counter()
-    spec = model.get_backbone(config.arch)
-    sets = data.load_datasets(data_root, spec)
-    if len(sets["train"].classes) < 2:
-        raise UserError(f"{data_root}: only one class folder ({sets['train'].classes[0]}); "
-                        "a classifier needs at least 2")
-    identity = {"class_to_idx": sets["train"].class_to_idx,
-                "data_digest": data.files_digest(sets, data_root)}
+    found = splits.load_data(data_root, model.get_backbone(config.arch),
+                             valid_fraction=args.valid_fraction,
+                             test_fraction=args.test_fraction, names_file=args.names)
+    for line in found.messages:
+        print(line)
+    sets = found.sets
+    identity = {"class_to_idx": found.class_to_idx, "data_digest": found.digest(),
+                "held_out": found.held_out}
     resume = None
     if getattr(args, "resume", None):
         resume = checkpoint.read_resume(args.resume, identity=identity)
         config = TrainConfig.from_dict(resume["identity"]["config"])
-    names = data.class_names(sets["train"].class_to_idx, data.load_category_names(args.names))
-    print(f"data {data_root}: " + ", ".join(f"{s} {v['images']} images / {v['classes']} "
-                                             f"classes" for s, v in data.summarize(sets).items()))
-    clf = recipes.new_model(sets, config, names=names)
+    if "valid" not in sets:
+        raise UserError(f"{data_root}: no valid/ folder and --valid_fraction 0; training "
+                        "needs validation images to choose the epoch and calibrate")
+    clf = recipes.new_model(sets, config, names=found.names)
     print(f"model {config.arch} on {device}, recipe {recipes.resolve_recipe(config, device)}")
     run_id = resume["identity"]["run_id"] if resume else uuid.uuid4().hex
     state = out / "last.pth"
+    trained = _run(clf, sets, config, device, state=state, resume=resume, again=again,
+                   identity=identity | {"run_id": run_id})
+    metrics = _report(clf, sets, trained)
+    metrics |= {"data_dir": str(found.root), "held_out": found.held_out,
+                "timings": trained.timings}
+    if args.final:
+        clf, metrics = _final(clf, found, config, device, out=out, first=metrics,
+                              history=trained.history)
+    metrics["seconds"] = time.perf_counter() - start
+    from ..inference import save_model
+
+    path = save_model(clf, out / "checkpoint.pth", config=config,
+                      metrics={"history": trained.history, **metrics})
+    print(f"checkpoint: {path}")
+    return {"path": path, "sets": sets, "history": trained.history, "metrics": metrics,
+            "model": clf}
+
+
+def _run(clf, sets: dict, config: TrainConfig, device, *, state: Path | None, resume: dict | None,
+         again: str, identity: dict):
+    """recipes.run_recipe under a stop flag: Ctrl-C or SIGTERM saves and says how to resume."""
+    from .. import checkpoint, recipes
+
     stop = StopFlag()
     try:
         with stop.watch():
-            trained = recipes.run_recipe(clf, sets, config, device, state_path=state,
-                                         resume=resume, stop=stop,
-                                         identity=identity | {"run_id": run_id})
+            return recipes.run_recipe(clf, sets, config, device, state_path=state,
+                                      resume=resume, stop=stop, identity=identity)
     except Stopped as err:
-        if checkpoint.resume_belongs(state, run_id):
+        if state is not None and checkpoint.resume_belongs(state, identity["run_id"]):
             raise Interrupted(f"{err}; resume with: {again} --resume {state}") from None
         raise Interrupted(f"{err}, before the first save; nothing to resume") from None
+
+
+def _report(clf, sets: dict, trained) -> dict:
+    """Valid and test figures through the model's engine, and its calibration, printed."""
+    from ..evaluate import evaluate_model
+
     metrics: dict = {"calibration": trained.calibration}
     for split in ("valid", "test"):
         if split in sets:
-            metrics[split] = m = evaluate.evaluate_model(clf, sets[split].samples)
+            metrics[split] = m = evaluate_model(clf, sets[split].samples)
             print(f"{split}: top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  ({m['n']} images)")
     c = trained.calibration
     if c:
         print(f"calibrated on valid: temperature {c['temperature']:.2f}, ECE "
               f"{c['ece_before']:.1%} -> {c['ece_after']:.1%}, unsure below "
               f"{c['unsure_below']:.0%}")
-    metrics["seconds"] = time.perf_counter() - start
-    metrics["timings"] = trained.timings
-    path = inference.save_model(clf, out / "checkpoint.pth", config=config,
-                                metrics={"history": trained.history, **metrics})
-    print(f"checkpoint: {path}")
-    return {"path": path, "sets": sets, "history": trained.history, "metrics": metrics,
-            "model": clf}
+    return metrics
+
+
+def _final(first_model, found, config: TrainConfig, device, *, out: Path, first: dict,
+           history: list[dict]) -> tuple:
+    """A final model trained on train+valid with the first run's choices (epochs, temperature,
+    unsure threshold); its test figures checked, and which run gave which figure recorded."""
+    from .. import recipes
+    from ..evaluate import evaluate_model, expected_calibration_error
+    from ..inference import logits_of
+
+    final_config = recipes.final_config(config, history)
+    merged = found.sets["train"].subset(found.sets["train"].samples + found.sets["valid"].samples,
+                                        found.sets["train"].transform)
+    sets = {"train": merged}
+    print(f"final model: train+valid ({len(merged)} images), {final_config.epochs} epoch(s) "
+          "as chosen on valid; temperature and threshold from the first run")
+    final = recipes.new_model(sets, final_config, names=list(first_model.class_names))
+    _run(final, sets, final_config, device, state=None, resume=None, again="",
+         identity={"run_id": uuid.uuid4().hex, "final": True})
+    final.temperature, final.unsure_below = first_model.temperature, first_model.unsure_below
+    metrics = {"first_run": {k: first[k] for k in ("valid", "test", "calibration") if k in first},
+               "final": {"trained_on": "train+valid", "epochs": final_config.epochs,
+                         "temperature_from": "first run (fitted on valid for the first model)"}}
+    metrics |= {k: v for k, v in first.items() if k not in ("valid", "test", "calibration")}
+    if "test" in found.sets:
+        m = evaluate_model(final, found.sets["test"].samples)
+        logits, labels, _ = logits_of(final, found.sets["test"].samples)
+        from ..engine import softmax
+
+        m["ece"] = expected_calibration_error(softmax(logits, temperature=final.temperature),
+                                              labels)
+        metrics["final"]["test"] = metrics["test"] = m
+        print(f"final test: top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  ({m['n']} images); "
+              f"ECE with the first run's temperature {m['ece']:.1%}")
+    return final, metrics
 
 
 def cmd_train(args: argparse.Namespace) -> None:
