@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .cache import is_intact, seal
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .data import cache_dir
 from .engine import Engine, engine_path, sha256_of
 from .export import export_onnx, save_with_metadata
@@ -68,12 +68,6 @@ def save_model(model: Classifier, path: str | os.PathLike, *, config: Any = None
     path = save_checkpoint(model, path, config=config, metrics=metrics)
     write_engine(model, path)
     return path
-
-
-def rebuild_engine(checkpoint: str | os.PathLike) -> Engine:
-    """Export the engine of a checkpoint again (missing, damaged or older than the checkpoint)."""
-    model, _ = load_checkpoint(checkpoint)
-    return Engine(write_engine(model, checkpoint))
 
 
 def logits_of(model: Classifier | Engine, samples: list[tuple[str, int]],

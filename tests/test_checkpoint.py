@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import checkpoint, model
-from helpers.train import TrainConfig
+from helpers.config import TrainConfig
 
 CLASSES = {str(c): i for i, c in enumerate(sorted(str(k) for k in range(1, 13)))}
 
@@ -25,8 +25,9 @@ def trained() -> model.Classifier:
 
 
 def test_round_trip_gives_identical_logits(trained, tmp_path):
-    path = checkpoint.save_checkpoint(trained, tmp_path / "c.pth", TrainConfig(hidden_units=32),
-                                      {"test": {"top1": 0.5}})
+    path = checkpoint.save_checkpoint(trained, tmp_path / "c.pth",
+                                      config=TrainConfig(hidden_units=32),
+                                      metrics={"test": {"top1": 0.5}})
     loaded, ckpt = checkpoint.load_checkpoint(path)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
@@ -85,9 +86,46 @@ def test_bad_files_are_clear_errors(trained, tmp_path):
     torch.save(ckpt | {"arch": "alexnet"}, tmp_path / "arch.pth")
     with pytest.raises(checkpoint.CheckpointError, match="unknown architecture 'alexnet'"):
         checkpoint.load_checkpoint(tmp_path / "arch.pth")
-    torch.save(ckpt | {"class_to_idx": {"1": 0}, "class_names": ["one"]}, tmp_path / "n.pth")
+    torch.save(ckpt | {"class_to_idx": {"1": 0}, "class_names": ["one"],
+                       "head": ckpt["head"] | {"num_classes": 1}}, tmp_path / "n.pth")
     with pytest.raises(checkpoint.CheckpointError, match="do not fit"):
         checkpoint.load_checkpoint(tmp_path / "n.pth")
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"class_to_idx": {"1": 0}}, "class_names"),  # names for 12 classes, a mapping of one
+    ({"class_names": ["only", "two"]}, "class_names"),
+    ({"class_names": "pink primrose"}, "class_names"),
+    ({"class_to_idx": {"1": 0, "2": 5}}, "class_to_idx"),
+    ({"class_to_idx": ["1", "2"]}, "class_to_idx"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"unsure_below": 3.0}, "unsure_below"),
+    ({"arch": 5}, "arch"),
+    ({"head": {"hidden_units": "many"}}, "head"),
+    ({"state_dict": [1, 2]}, "state_dict"),
+    ({"format_version": "one"}, "format_version"),
+])
+def test_edited_checkpoints_name_the_file_and_the_field(trained, tmp_path, change, field):
+    path = tmp_path / "edited.pth"
+    torch.save(checkpoint.checkpoint_dict(trained) | change, path)
+    with pytest.raises(checkpoint.CheckpointError, match=f"edited.pth: field {field} "):
+        checkpoint.load_checkpoint(path)
+
+
+def test_resume_refuses_a_state_of_another_run(tmp_path):
+    state = {"kind": "resume", "identity": {"class_to_idx": {"a": 0, "b": 1},
+                                            "data_digest": "abc", "run_id": "r1"}}
+    torch.save(state, tmp_path / "last.pth")
+    assert checkpoint.read_resume(tmp_path / "last.pth",
+                                  identity={"class_to_idx": {"a": 0, "b": 1},
+                                            "data_digest": "abc"})["kind"] == "resume"
+    with pytest.raises(checkpoint.CheckpointError, match="belongs to another run .*data digest"):
+        checkpoint.read_resume(tmp_path / "last.pth", identity={"data_digest": "xyz"})
+    assert checkpoint.resume_belongs(tmp_path / "last.pth", "r1")
+    assert not checkpoint.resume_belongs(tmp_path / "last.pth", "r2")
+    assert not checkpoint.resume_belongs(tmp_path / "absent.pth", "r1")
 
 
 def test_failed_save_keeps_the_previous_file(trained, tmp_path, monkeypatch):
@@ -107,7 +145,8 @@ def test_failed_save_keeps_the_previous_file(trained, tmp_path, monkeypatch):
 
 def test_safetensors_format_round_trip(trained, tmp_path):
     path = checkpoint.save_checkpoint(trained, tmp_path / "c.safetensors",
-                                      TrainConfig(hidden_units=32), {"test": {"top1": 0.5}})
+                                      config=TrainConfig(hidden_units=32),
+                                      metrics={"test": {"top1": 0.5}})
     assert path.read_bytes()[8:9] == b"{"  # a safetensors header, not a pickle
     loaded, ckpt = checkpoint.load_checkpoint(path)
     x = torch.randn(2, 3, 96, 96)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, make_image_folder
-from helpers import checkpoint, cli, export, model
+from helpers import checkpoint, cli, export, inference, model
+from helpers.config import TrainConfig
 from helpers.predict import predict, process_image
 
 CLASSES = ["1", "2", "10"]
@@ -25,12 +26,14 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt(folder, tmp_path_factory):
+    """A tiny model (random weights) saved with its prediction engine beside it."""
     torch.manual_seed(0)
-    clf = model.build_model("efficientnet_lite0", {"1": 0, "10": 1, "2": 2},
-                            ["pink primrose", "globe thistle", "hard-leaved pocket orchid"], 0)
+    clf = model.build_model("test_efficientnet", {"1": 0, "10": 1, "2": 2},
+                            ["pink primrose", "globe thistle", "hard-leaved pocket orchid"],
+                            hidden_units=0)
     with torch.no_grad():
         clf.head[1].weight.normal_(0, 0.05)
-    return checkpoint.save_checkpoint(clf, tmp_path_factory.mktemp("ck") / "checkpoint.pth")
+    return inference.save_model(clf, tmp_path_factory.mktemp("ck") / "checkpoint.pth")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -38,11 +41,13 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_train_script_trains_and_saves(folder, tmp_path):
     done = run("train.py", str(folder), "--save_dir", str(tmp_path / "out"), "--epochs", "1",
-               "--batch_size", "6", "--seed", "1", "--hidden_units", "8")
+               "--batch_size", "6", "--seed", "1", "--hidden_units", "8",
+               "--arch", "test_efficientnet")
     assert done.returncode == 0, done.stderr
-    assert "epoch 1/1" in done.stdout and "valid accuracy" in done.stdout
+    assert "fine-tune: " in done.stdout and "valid accuracy" in done.stdout
     assert "\r" not in done.stderr  # no progress bars when not on a terminal
     assert f"checkpoint: {tmp_path / 'out' / 'checkpoint.pth'}" in done.stdout
     saved = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
@@ -86,14 +91,20 @@ def test_category_names_override(folder, ckpt, tmp_path, capsys):
     (["predict", "IMAGE", "TEXT"], "not a readable checkpoint"),
     (["predict", "IMAGE", "CKPT", "--category_names", "TEXT"], "not valid JSON"),
     (["evaluate", "CKPT", "missing_folder"], "no such folder"),
-    (["train", "missing_folder", "--epochs", "1"], "no train/ folder"),
+    (["train", "missing_folder", "--epochs", "1"], "missing_folder"),
+    (["train", "FOLDER", "--epochs", "0"], "--epochs must be at least 1"),
+    (["train", "FOLDER", "--batch_size", "0"], "--batch_size must be at least 1"),
+    (["train", "FOLDER", "--learning_rate", "nan"], "--learning_rate must be a finite number"),
+    (["train", "FOLDER", "--backbone_lr", "-1"], "--backbone_lr must be a finite number"),
+    (["train", "FOLDER", "--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["train", "FOLDER", "--save_dir", "/proc/forbidden"], "cannot write there"),
     (["export", "CKPT", "--format", "torchscript", "--int8"], "--int8 applies to --format onnx"),
 ])
 def test_failures_are_one_line_and_exit_1(args, message, folder, ckpt, tmp_path, capsys):
     text = tmp_path / "text.pth"
     text.write_text("not json, not a checkpoint")
     subs = {"CKPT": str(ckpt), "IMAGE": str(folder / "test" / "1" / "img_0.jpg"),
-            "TEXT": str(text)}
+            "TEXT": str(text), "FOLDER": str(folder)}
     assert cli.main([subs.get(a, a) for a in args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
@@ -105,8 +116,72 @@ def test_gpu_without_gpu_and_usage_errors():
     done = run("predict.py", "x.jpg", "c.pth", "--gpu")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     usage = run("predict.py", "only_one_argument")
-    assert usage.returncode == 2 and "usage:" in usage.stderr
-    assert run("train.py", "--help").returncode == 0
+    assert usage.returncode == 2 and "usage: predict.py" in usage.stderr
+    helped = run("train.py", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: train.py")
+
+
+def test_options_the_user_typed_win_over_the_recipe_defaults():
+    from helpers.cli.training import config_from
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "d", "--recipe", "course", "--epochs", "4"])
+    assert config_from(args).epochs == 4  # 4 is the default recipe's value, yet typed
+    assert config_from(args).hidden_units == TrainConfig.course().hidden_units
+    args = parser.parse_args(["train", "d", "--recipe", "course", "--learning_rate", "0.003"])
+    assert config_from(args).learning_rate == 0.003
+    assert config_from(parser.parse_args(["train", "d"])) == TrainConfig()
+
+
+def test_predict_answers_without_importing_torch(folder, ckpt):
+    code = ("import sys; sys.argv[0] = 'predict.py'; from helpers.cli import main; "
+            f"status = main(['predict', {str(folder / 'test' / '2' / 'img_0.jpg')!r}, "
+            f"{str(ckpt)!r}], prog='predict.py'); print('torch' in sys.modules, status)")
+    done = run("-c", code)
+    assert done.stdout.strip().splitlines()[-1] == "False 0", done.stderr
+
+
+def test_a_stale_engine_is_rebuilt_from_the_checkpoint(folder, ckpt, tmp_path):
+    from helpers.engine import engine_path, open_engine
+
+    copy = tmp_path / "copy.pth"
+    clf, _ = checkpoint.load_checkpoint(ckpt)
+    clf.temperature = 2.0
+    checkpoint.save_checkpoint(clf, copy)  # a checkpoint without its engine
+    assert open_engine(copy) is None
+    image = folder / "test" / "2" / "img_0.jpg"
+    done = run("predict.py", str(image), str(copy), "--json")
+    assert done.returncode == 0 and "preparing the prediction engine" in done.stderr
+    assert open_engine(copy).temperature == 2.0 and engine_path(copy).is_file()
+    checkpoint.save_checkpoint(clf, copy)  # newer bytes (a new timestamp in the versions)
+    engine_path(copy).write_bytes(b"truncated")  # damaged as well
+    again = run("predict.py", str(image), str(copy), "--json")
+    assert again.returncode == 0 and json.loads(again.stdout) == json.loads(done.stdout)
+
+
+def test_a_bad_file_in_a_folder_is_named_and_the_rest_reported(folder, ckpt, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, src in enumerate(sorted((folder / "test").rglob("*.jpg"))[:3]):
+        (photos / f"{i}.jpg").write_bytes(src.read_bytes())
+    (photos / "1b.jpg").write_bytes(b"not a photo")
+    done = run("predict.py", str(photos), str(ckpt), "--json")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert len(results) == 4 and sum("error" in r for r in results) == 1
+    assert "1b.jpg" in done.stderr and "Traceback" not in done.stderr
+    strict = run("predict.py", str(photos), str(ckpt), "--strict")
+    assert strict.returncode == 1 and "1b.jpg" in strict.stderr
+    assert strict.stdout.count("1. ") == 3  # the good ones are still reported
+    bad_test = tmp_path / "test"
+    for c in CLASSES:
+        (bad_test / c).mkdir(parents=True)
+        for src in sorted((folder / "test" / c).glob("*.jpg")):
+            (bad_test / c / src.name).write_bytes(src.read_bytes())
+    (bad_test / "2" / "broken.jpg").write_bytes(b"\xff\xd8 cut")
+    evaluated = run("-m", "helpers", "evaluate", str(ckpt), str(bad_test))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "broken.jpg" in evaluated.stderr and "12 images, 1 unreadable" in evaluated.stdout
 
 
 def test_evaluate_and_cache_commands(folder, ckpt, capsys):
@@ -125,10 +200,10 @@ def test_onnx_and_torch_exports_agree_with_pytorch(folder, ckpt, tmp_path, capsy
     clf, _ = checkpoint.load_checkpoint(ckpt)
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     meta = session.get_modelmeta().custom_metadata_map
-    assert json.loads(meta["class_names"]) == clf.class_names and meta["input_size"] == "224"
+    assert json.loads(meta["class_names"]) == clf.class_names and meta["input_size"] == "64"
     exported = export.load_torch_export(next(tmp_path.glob("m.pt*")))
     images = sorted((folder / "test").rglob("*.jpg"))
-    x = np.stack([process_image(p) for p in images])
+    x = np.stack([export.preprocess_for(clf, p) for p in images])
     with torch.no_grad():
         expected = clf(torch.from_numpy(x)).softmax(1).numpy()
         via_torch = exported(torch.from_numpy(x)).numpy()
@@ -157,11 +232,13 @@ def test_int8_export_is_small_and_runs(folder, ckpt, tmp_path):
     path = tmp_path / "q.onnx"
     assert path.stat().st_size < 6e6
     session = ort.InferenceSession(str(path))
-    x = process_image(Image.open(folder / "test" / "1" / "img_0.jpg"))[None]
+    clf, _ = checkpoint.load_checkpoint(ckpt)
+    x = export.preprocess_for(clf, Image.open(folder / "test" / "1" / "img_0.jpg"))[None]
     probs = session.run(None, {"images": x})[0]
     assert probs.shape == (1, 3) and abs(probs.sum() - 1) < 1e-3
 
 
+@pytest.mark.slow
 def test_exports_match_pytorch_on_60_real_test_images(real_data, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     folders = sorted(p.name for p in (real_data / "test").iterdir())

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import data, model, train
+from helpers import data, model, recipes, runtime, train
+from helpers.config import TrainConfig
 
 CLASSES = {str(i): i for i in range(12)}
 
@@ -73,13 +74,21 @@ def test_overfits_one_batch():
     assert torch.equal(clf.eval()(x).argmax(1), y)
 
 
-def _train_once(folder, seed: int) -> dict[str, torch.Tensor]:
-    config = train.TrainConfig(epochs=1, batch_size=12, seed=seed, hidden_units=32)
+TINY = "test_efficientnet"  # timm's tiny EfficientNet: random weights, fast
+
+
+def _course(folder, **changes):
+    """The course recipe's plan for a tiny model on a folder: (config, sets, model, plan)."""
+    config = TrainConfig.course(**({"arch": TINY, "epochs": 1, "batch_size": 12,
+                                    "hidden_units": 32} | changes))
     sets = data.load_datasets(folder, model.get_backbone(config.arch), ("train", "valid"))
-    train.seed_everything(seed)
-    clf = model.build_model(config.arch, sets["train"].class_to_idx, hidden_units=32)
-    loaders = data.make_loaders(sets, config.batch_size, num_workers=0, seed=seed)
-    history = train.fit(clf, loaders, config, torch.device("cpu"), progress=False, log=None)
+    clf = recipes.new_model(sets, config)
+    return config, sets, clf, recipes.course_plan(clf, sets, config, torch.device("cpu"))
+
+
+def _train_once(folder, seed: int) -> dict[str, torch.Tensor]:
+    _, _, clf, plan = _course(folder, seed=seed)
+    history = train.fit(plan, torch.device("cpu"), log=None)
     assert len(history) == 1 and 0.0 <= history[0]["valid_top1"] <= 1.0
     return {k: v.clone() for k, v in clf.head.state_dict().items()}
 
@@ -91,20 +100,49 @@ def test_same_seed_same_weights(tiny_folder):
 
 
 def test_fit_learns_and_keeps_best_epoch(tiny_folder):
-    config = train.TrainConfig(epochs=3, batch_size=12, learning_rate=3e-3, hidden_units=64)
-    sets = data.load_datasets(tiny_folder, model.get_backbone(config.arch))
-    train.seed_everything(0)
-    clf = model.build_model(config.arch, sets["train"].class_to_idx, hidden_units=64)
-    loaders = data.make_loaders(sets, config.batch_size, num_workers=0)
-    history = train.fit(clf, loaders, config, torch.device("cpu"), progress=False, log=None)
+    _, sets, clf, plan = _course(tiny_folder, epochs=3, learning_rate=3e-3, hidden_units=64)
+    logged = []
+    history = train.fit(plan, torch.device("cpu"), log=logged.append)
     assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r["phase"] for r in history] == ["train"] * 3
+    assert sum(r["kept"] for r in history) == 1
     best = max(r["valid_top1"] for r in history)
-    result = train.evaluate(clf, loaders["valid"], torch.device("cpu"), progress=False)
+    assert next(r for r in history if r["kept"])["valid_top1"] == best
+    assert logged[0].startswith("train: ") and "parameters train" in logged[0]
+    loader = data.make_loaders({"valid": sets["valid"]}, batch_size=12, num_workers=0)["valid"]
+    result = train.evaluate(clf, loader, torch.device("cpu"))
     assert result["n"] == 36 and result["top1"] == pytest.approx(best)
     assert result["top5"] >= result["top1"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
+def test_a_plan_without_validation_keeps_the_last_epoch(tiny_folder):
+    _, _, clf, plan = _course(tiny_folder, epochs=2)
+    plan.validate = None
+    history = train.fit(plan, torch.device("cpu"), log=None)
+    assert [r["kept"] for r in history] == [False, True]
+    assert all(r["valid_top1"] != r["valid_top1"] for r in history)  # nan: nothing measured
+
+
+def test_stop_flag_ends_at_a_batch_boundary_and_saves(tiny_folder, tmp_path):
+    _, _, clf, plan = _course(tiny_folder, epochs=2, batch_size=6)
+    stop = runtime.StopFlag()
+    phase = plan.phases[0]
+    real_step = phase.optimizer.step
+
+    def step_then_signal(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        stop.request()  # as the signal handler would, in the middle of the epoch
+        return out
+
+    phase.optimizer.step = step_then_signal
+    with pytest.raises(runtime.Stopped, match="after 1 batches of epoch 1"):
+        train.fit(plan, torch.device("cpu"), log=None, state_path=tmp_path / "last.pth",
+                  stop=stop)
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert (state["phase"], state["epoch"], state["batches_done"]) == (0, 0, 1)
+
+
 def test_get_device_falls_back_to_cpu():
-    assert train.get_device(gpu=False).type == "cpu"
-    assert train.get_device().type in {"cuda", "mps", "cpu"}
+    assert runtime.get_device(gpu=False).type == "cpu"
+    assert runtime.get_device().type in {"cuda", "mps", "cpu"}

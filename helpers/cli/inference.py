@@ -24,10 +24,12 @@ def load_engine(checkpoint: str, *, gpu: bool = False) -> Engine:
         raise UserError(f"{path}: no such checkpoint file; check the path")
     engine = open_engine(path)
     if engine is None:
-        print(f"preparing the prediction engine of {path} (once)", file=sys.stderr)
-        from ..inference import rebuild_engine
+        from ..checkpoint import load_checkpoint
+        from ..inference import write_engine
 
-        engine = rebuild_engine(path)
+        model, _ = load_checkpoint(path)  # a damaged checkpoint fails here, in one line
+        print(f"preparing the prediction engine of {path} (once)", file=sys.stderr)
+        engine = Engine(write_engine(model, path))
     if gpu:
         print("warning: --gpu: predictions run on the CPU with ONNX Runtime (a few ms a "
               "photo)", file=sys.stderr)

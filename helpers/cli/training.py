@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -101,9 +101,12 @@ def check_writable(folder: Path, option: str) -> None:
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{folder}: cannot write there ({probe} is not a writable folder); "
-                        f"choose another {option}")
+    try:  # a real write: permissions alone do not tell (root, read-only mounts, /proc)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise UserError(f"{folder}: cannot write there ({probe}: {err.strerror or err}); "
+                        f"choose another {option}") from None
 
 
 def device_for(gpu: bool):
