@@ -37,6 +37,10 @@ class UserError(Exception):
 class DiskFullError(UserError, OSError):
     """A save did not fit on its disk; the previous file is whole and no temporary file is left."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
 
 def get_device(gpu: bool = True):
     """cuda, then mps, then cpu (cpu only when gpu is False)."""
@@ -97,15 +101,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
+        full = _disk_is_full(path.parent, err)
         Path(tmp).unlink(missing_ok=True)
-        if err.errno in FULL_DISK or "No space left" in str(err):
-            raise DiskFullError(errno.ENOSPC, disk_full_message(path.parent)) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(disk_full_message(path.parent)) from None
         raise
     return path
+
+
+def _disk_is_full(folder: Path, err: BaseException) -> bool:
+    """True when a failed write failed for want of space (torch.save reports a full disk as
+    a RuntimeError about the zip position, not as ENOSPC)."""
+    if isinstance(err, OSError) and err.errno in FULL_DISK:
+        return True
+    if not isinstance(err, OSError | RuntimeError):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,7 +107,8 @@ def test_folder_problems_are_clear(tmp_path):
 
 def _train(folder, out, *extra, epochs=40):
     return [sys.executable, str(ROOT / "train.py"), str(folder), "--save_dir", str(out),
-            "--epochs", str(epochs), "--batch_size", "4", "--seed", "7", *extra]
+            "--epochs", str(epochs), "--batch_size", "4", "--seed", "7",
+            "--arch", "test_efficientnet", *extra]
 
 
 def _wait_for_epoch(path, epoch, process, timeout=300):
@@ -113,7 +116,8 @@ def _wait_for_epoch(path, epoch, process, timeout=300):
     while time.time() < deadline and process.poll() is None:
         if path.is_file():
             try:
-                if checkpoint.read_resume(path)["epoch"] >= epoch:
+                state = checkpoint.read_resume(path)
+                if state["epoch"] + state["phase"] * 1000 >= epoch:
                     return
             except checkpoint.CheckpointError:
                 pass  # being replaced this instant
@@ -129,32 +133,68 @@ def train_env(tmp_path, monkeypatch):
     return folder, env
 
 
-def test_sigkill_then_resume_gives_bitwise_the_same_weights(train_env, tmp_path):
+def _weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["cached", "course"])
+def test_interrupted_then_resumed_gives_bitwise_the_same_weights(train_env, tmp_path, recipe):
+    """SIGKILL at an epoch boundary, and SIGINT to the whole process group in the middle of
+    an epoch (data-loader workers included): resuming gives the uninterrupted run's weights."""
     folder, env = train_env
-    reference = subprocess.run(_train(folder, tmp_path / "a"), env=env, capture_output=True,
-                               text=True, timeout=600)
+    args = ["--recipe", recipe, "--hidden_units", "8"]
+    reference = subprocess.run(_train(folder, tmp_path / "a", *args), env=env,
+                               capture_output=True, text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr
-    killed = subprocess.Popen(_train(folder, tmp_path / "b"), env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_epoch(tmp_path / "b" / "last.pth", 3, killed)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "b" / "checkpoint.pth").exists()
-    resumed = subprocess.run(_train(folder, tmp_path / "b", "--resume",
-                                    str(tmp_path / "b" / "last.pth")),
-                             env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    a = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    expected = _weights(tmp_path / "a" / "checkpoint.pth")
+    for name, sig in (("killed", signal.SIGKILL), ("ctrl-c", signal.SIGINT)):
+        out = tmp_path / name
+        run = subprocess.Popen(_train(folder, out, *args), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+        _wait_for_epoch(out / "last.pth", 1003 if recipe == "cached" else 3, run)
+        if sig == signal.SIGINT:
+            time.sleep(0.05)  # into the next epoch, between two batches
+        os.killpg(run.pid, sig)
+        _, err = run.communicate(timeout=120)
+        assert not (out / "checkpoint.pth").exists()
+        if sig == signal.SIGINT:
+            assert run.returncode == 130 and "Traceback" not in err, err
+            assert f"--resume {out / 'last.pth'}" in err.strip().splitlines()[-1]
+        resumed = subprocess.run(_train(folder, out, *args, "--resume", str(out / "last.pth")),
+                                 env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr
+        assert _same(_weights(out / "checkpoint.pth"), expected), name
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_during_extraction_saves_nothing_half_done(train_env,
+                                                                                tmp_path):
+    """As systemd, Slurm and Kubernetes do: every process of the group gets SIGTERM."""
+    folder, env = train_env
+    run = subprocess.Popen(_train(folder, tmp_path / "c"), env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "cache").rglob("trunk-*.onnx")) and time.time() < deadline:
+        time.sleep(0.02)  # the trunk is exported: extraction starts now
+    os.killpg(run.pid, signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM")
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_says_how_to_resume(train_env, tmp_path):
     folder, env = train_env
     run = subprocess.Popen(_train(folder, tmp_path / "c"), env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    _wait_for_epoch(tmp_path / "c" / "last.pth", 1, run)
-    run.send_signal(signal.SIGTERM)
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_epoch(tmp_path / "c" / "last.pth", 1001, run)
+    os.killpg(run.pid, signal.SIGTERM)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130
     assert "Traceback" not in err and "--resume" in err.strip().splitlines()[-1]
@@ -169,9 +209,22 @@ def test_resume_from_the_wrong_file_is_a_clear_error(train_env, tmp_path, capsys
     assert "not a resumable state" in capsys.readouterr().err
 
 
+def test_resume_of_another_runs_state_is_refused(train_env, tmp_path, capsys):
+    folder, _ = train_env
+    other = make_image_folder(tmp_path / "other", ["a", "b", "c"], per_class=6)
+    state = {"kind": "resume", "identity": {"class_to_idx": {"a": 0, "b": 1, "c": 2},
+                                            "data_digest": "0" * 64, "run_id": "old"}}
+    torch.save(state, tmp_path / "last.pth")
+    for data_dir in (folder, other):  # other classes; the same classes but other files
+        assert cli.main(["train", str(data_dir), "--arch", "test_efficientnet", "--save_dir",
+                         str(tmp_path / "out"), "--resume", str(tmp_path / "last.pth")]) == 1
+        err = capsys.readouterr().err
+        assert "belongs to another run" in err and err.count("\n") == 1
+
+
 KILL_DURING_SAVE = """
 import sys, torch
-from helpers.checkpoint import atomic_save
+from helpers.runtime import atomic_save
 big = {"weights": torch.ones(40_000_000)}
 while True:
     atomic_save(big, sys.argv[1])
@@ -189,3 +242,58 @@ def test_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     writer.wait()
     loaded = torch.load(target, weights_only=True)["weights"]
     assert loaded.shape in {(3,), (40_000_000,)}  # the old file or a complete new one
+
+
+FILL_THE_DISK = """
+import sys, torch
+from helpers import runtime
+target = sys.argv[1] + "/state.pth"
+runtime.atomic_save({"weights": torch.zeros(10)}, target)
+try:
+    runtime.atomic_save({"weights": torch.ones(2_000_000)}, target)  # 8 MB on a 4 MB disk
+except runtime.DiskFullError as err:
+    print("refused:", err)
+print(torch.load(target, weights_only=True)["weights"].shape)
+"""
+
+
+def _in_a_small_tmpfs(tmp_path, command: str) -> subprocess.CompletedProcess:
+    """Run a shell command with a 4 MB tmpfs mounted at tmp_path/disk, in a private mount
+    namespace (root only), so a full disk can be tested without filling a real one."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("a private tmpfs needs root and unshare (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = f"mount -t tmpfs -o size=4m tmpfs {disk} && {command}"
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+    if "mount" in done.stderr and "permission denied" in done.stderr.lower():
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    return done
+
+
+def test_a_full_disk_keeps_the_previous_file_and_leaves_no_temporary_file(tmp_path):
+    done = _in_a_small_tmpfs(
+        tmp_path, f"{sys.executable} -c '{FILL_THE_DISK}' {tmp_path / 'disk'} && ls -A "
+                  f"{tmp_path / 'disk'}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith(f"refused: no space left on the device holding {tmp_path}/disk")
+    assert "choose another folder" in lines[0]
+    assert lines[1] == "torch.Size([10])"  # the previous file, whole
+    assert lines[2:] == ["state.pth"]  # no temporary file left behind
+
+
+@pytest.mark.slow
+def test_training_onto_a_full_disk_is_one_line(train_env, tmp_path):
+    folder, _ = train_env
+    done = _in_a_small_tmpfs(
+        tmp_path, f"FLOWERS_CACHE={tmp_path / 'cache'} {sys.executable} train.py {folder} "
+                  f"--arch efficientnet_lite0 --epochs 1 --save_dir {tmp_path / 'disk'}; "
+                  f"echo status $?; ls -A {tmp_path / 'disk'}")
+    lines = done.stdout.strip().splitlines()
+    assert "status 1" in lines, done.stdout + done.stderr
+    err = done.stderr.strip().splitlines()
+    assert err[-1].startswith(f"error: no space left on the device holding {tmp_path}/disk")
+    assert "Traceback" not in done.stderr
+    assert not [n for n in lines[lines.index("status 1") + 1:] if n.endswith(".tmp")]
