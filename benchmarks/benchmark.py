@@ -82,8 +82,9 @@ def run_export(ckpt_path: Path, data_root: Path, quick: bool) -> dict:
     clf, _ = checkpoint.load_checkpoint(ckpt_path)
     tmp = ckpt_path.parent
     paths = {"onnx fp32": export.export_onnx(clf, tmp / "model.onnx")}
-    paths["onnx int8"] = export.quantize_onnx(clf, paths["onnx fp32"], tmp / "model.int8.onnx",
-                                              data_root / "train", count=40 if quick else 200)
+    paths["onnx int8"] = export.quantize_onnx(clf, paths["onnx fp32"], out=tmp / "model.int8.onnx",
+                                              calibration=data_root / "train",
+                                              count=40 if quick else 200)
     test = data.image_folder(data_root / "test")
     x_all = np.stack([process_for(clf, p) for p, _ in test.samples])
     labels = np.array(test.targets)

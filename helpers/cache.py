@@ -75,7 +75,7 @@ class SeededView(Dataset):
             return self.transform(self.dataset.loader(path)), label
 
 
-def view_transform(spec: Backbone, view: str):
+def view_transform(spec: Backbone, view: str) -> transforms.Compose:
     """'centre' (the eval transform), 'flip' (mirrored centre) or 'aug<N>' (train transform)."""
     if view == "centre":
         return eval_transform(spec)

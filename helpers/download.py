@@ -118,7 +118,7 @@ def arrange_flowers102(folder: str | os.PathLike, dest: str | os.PathLike,
     return dest
 
 
-def ensure_data(root: str | os.PathLike | None = None, source: str = "course",
+def ensure_data(root: str | os.PathLike | None = None, *, source: str = "course",
                 base_url: str | None = None, md5s: dict[str, str] | None = None,
                 num_classes: int = NUM_CLASSES, num_images: int = NUM_IMAGES) -> Path:
     """The data folder, downloaded and arranged first when it is missing or empty.

@@ -90,8 +90,8 @@ class Engine:
 
     def preprocess(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
         """process_image with this model's size and normalisation."""
-        return process_image(image, self.input_size, self.resize_size, self.mean, self.std,
-                             self.interpolation)
+        return process_image(image, size=self.input_size, resize=self.resize_size,
+                             mean=self.mean, std=self.std, interpolation=self.interpolation)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw class scores of a batch of preprocessed images (N x 3 x H x W)."""

@@ -34,6 +34,7 @@ class Probabilities(nn.Module):
         self.temperature = float(getattr(model, "temperature", 1.0))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities of a batch of preprocessed images."""
         logits = self.model(images)
         if self.temperature != 1.0:  # no extra node in the graph of an uncalibrated model
             logits = logits / self.temperature
@@ -43,8 +44,8 @@ class Probabilities(nn.Module):
 def preprocess_for(model: Classifier, image) -> np.ndarray:
     """images.process_image with the model's own input size, resize and normalisation."""
     spec = model.spec
-    return process_image(image, spec.input_size, spec.resize_size, spec.mean, spec.std,
-                         spec.interpolation)
+    return process_image(image, size=spec.input_size, resize=spec.resize_size, mean=spec.mean,
+                         std=spec.std, interpolation=spec.interpolation)
 
 
 def metadata(model: Classifier) -> dict[str, str]:
@@ -108,8 +109,8 @@ def _calibration_images(folder: str | os.PathLike, count: int) -> list[Path]:
     return images[::step][:count]
 
 
-def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, path: str | os.PathLike,
-                  calibration_folder: str | os.PathLike, count: int = 200) -> Path:
+def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, *, out: str | os.PathLike,
+                  calibration: str | os.PathLike, count: int = 200) -> Path:
     """Static int8 (QDQ) quantization, calibrated on training images, per-channel weights."""
     import onnx
     from onnxruntime.quantization import (
@@ -121,7 +122,7 @@ def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, path: str | o
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     batches = [preprocess_for(model, p)[None]
-               for p in _calibration_images(calibration_folder, count)]
+               for p in _calibration_images(calibration, count)]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -130,7 +131,7 @@ def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, path: str | o
         def get_next(self):
             return next(self.items, None)
 
-    path = Path(path)
+    path = Path(out)
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)

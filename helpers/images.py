@@ -166,7 +166,7 @@ def check_image(path: str | os.PathLike) -> str | None:
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def process_image(image: str | os.PathLike | Image.Image, size: int = 224, resize: int = 256,
+def process_image(image: str | os.PathLike | Image.Image, *, size: int = 224, resize: int = 256,
                   mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                   std: tuple[float, ...] = (0.5, 0.5, 0.5),
                   interpolation: str = "bicubic") -> np.ndarray:

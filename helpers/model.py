@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from .backbones import Backbone, get_backbone
 
 
-def build_head(in_features: int, num_classes: int, hidden_units: int = 512,
+def build_head(in_features: int, num_classes: int, *, hidden_units: int = 512,
                dropout: float = 0.2) -> nn.Sequential:
     """Hidden layer, ReLU and dropout, then the class scores; hidden_units=0 gives a linear head."""
     if hidden_units <= 0:
@@ -39,6 +39,7 @@ class Classifier(nn.Module):
         self.unsure_below = 0.0
 
     def forward(self, x: Tensor) -> Tensor:
+        """Class scores (logits) of a batch of images."""
         return self.head(self.backbone(x))
 
     @property
@@ -47,6 +48,7 @@ class Classifier(nn.Module):
         return not any(p.requires_grad for p in self.backbone.parameters())
 
     def train(self, mode: bool = True) -> Classifier:
+        """Training mode for what trains; a frozen backbone stays in eval mode."""
         # A frozen backbone stays in eval mode so its batch-norm statistics never drift.
         super().train(mode)
         if self.backbone_frozen:
@@ -54,14 +56,15 @@ class Classifier(nn.Module):
         return self
 
 
-def build_model(arch: str, class_to_idx: dict[str, int], class_names: list[str] | None = None,
+def build_model(arch: str, class_to_idx: dict[str, int], class_names: list[str] | None = None, *,
                 hidden_units: int = 512, dropout: float = 0.2, pretrained: bool = True,
                 freeze: bool = True) -> Classifier:
     """A pretrained backbone (frozen by default) with a new head for the classes of class_to_idx."""
     spec = get_backbone(arch)
     backbone = spec.build(pretrained)
     backbone.requires_grad_(not freeze)
-    head = build_head(spec.num_features, len(class_to_idx), hidden_units, dropout)
+    head = build_head(spec.num_features, len(class_to_idx), hidden_units=hidden_units,
+                      dropout=dropout)
     names = class_names or sorted(class_to_idx, key=class_to_idx.__getitem__)
     return Classifier(spec, backbone, head, class_to_idx, names)
 

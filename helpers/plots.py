@@ -71,7 +71,7 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def show_images(images: Sequence[np.ndarray], titles: Sequence[str], mean: Sequence[float],
+def show_images(images: Sequence[np.ndarray], titles: Sequence[str], *, mean: Sequence[float],
                 std: Sequence[float], columns: int = 4) -> Figure:
     """A grid of processed (3 x H x W, normalised) images with their titles."""
     from .predict import imshow
@@ -81,7 +81,7 @@ def show_images(images: Sequence[np.ndarray], titles: Sequence[str], mean: Seque
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):
-        imshow(image, ax, title, tuple(mean), tuple(std))
+        imshow(image, ax, title, mean=tuple(mean), std=tuple(std))
     fig.tight_layout()
     return fig
 
@@ -106,10 +106,10 @@ def plot_prediction_grid(items: Sequence[tuple[Image.Image, Prediction, str]],
     return fig
 
 
-def show_samples(dataset, names: Sequence[str], mean: Sequence[float], std: Sequence[float],
+def show_samples(dataset, names: Sequence[str], *, mean: Sequence[float], std: Sequence[float],
                  count: int = 8) -> Figure:
     """`count` images spread over a dataset, as its transform makes them, with their names."""
     step = max(1, len(dataset) // count)
     samples = [dataset[i] for i in range(0, len(dataset), step)][:count]
     return show_images([np.asarray(x) for x, _ in samples], [names[y] for _, y in samples],
-                       mean, std)
+                       mean=mean, std=std)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from matplotlib.axes import Axes
 from PIL import Image
 
 from .engine import Engine, Prediction
@@ -24,8 +25,8 @@ def process_for(model: Classifier | Engine, image: str | os.PathLike | Image.Ima
     if isinstance(model, Engine):
         return model.preprocess(image)
     spec = model.spec
-    return process_image(image, spec.input_size, spec.resize_size, spec.mean, spec.std,
-                         spec.interpolation)
+    return process_image(image, size=spec.input_size, resize=spec.resize_size, mean=spec.mean,
+                         std=spec.std, interpolation=spec.interpolation)
 
 
 def view_for(model: Classifier | Engine, image: str | os.PathLike | Image.Image) -> np.ndarray:
@@ -34,12 +35,13 @@ def view_for(model: Classifier | Engine, image: str | os.PathLike | Image.Image)
                                    if isinstance(model, Engine) else
                                    (model.spec.input_size, model.spec.resize_size,
                                     model.spec.interpolation))
-    return process_image(image, size, resize, (0.0,) * 3, (1.0,) * 3,
-                         interpolation).transpose(1, 2, 0)
+    return process_image(image, size=size, resize=resize, mean=(0.0,) * 3, std=(1.0,) * 3,
+                         interpolation=interpolation).transpose(1, 2, 0)
 
 
-def imshow(array: np.ndarray, ax=None, title: str | None = None, *,
-           mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+def imshow(array: np.ndarray, ax: Axes | None = None, title: str | None = None, *,
+           mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+           std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> Axes:
     """Show a processed 3 x H x W image: undo the normalisation and draw it on ax."""
     import matplotlib.pyplot as plt
 

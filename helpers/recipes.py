@@ -49,6 +49,23 @@ def new_model(sets: dict[str, datasets.ImageFolder], config: TrainConfig, *,
                        hidden_units=config.hidden_units, dropout=config.dropout)
 
 
+def trainable_by_phase(model: Classifier, config: TrainConfig,
+                       device: torch.device) -> dict[str, int]:
+    """How many parameters each phase of config's recipe will train (before training)."""
+    head = sum(p.numel() for p in model.head.parameters())
+    recipe = resolve_recipe(config, device)
+    if recipe == "course":
+        return {"train (head only, backbone frozen)": head}
+    if recipe == "full":
+        return {"train (the whole network)": sum(p.numel() for p in model.parameters())}
+    from .cache import split_backbone
+
+    _, tail = split_backbone(model.backbone, config.tail_stages)
+    phases = {"linear probe (head only)": head} if config.probe_epochs > 0 else {}
+    return phases | {"fine-tune (last backbone stage and head)":
+                     head + sum(p.numel() for p in tail.parameters())}
+
+
 def resolve_recipe(config: TrainConfig, device: torch.device) -> str:
     """The recipe to run: 'auto' means full fine-tuning on a GPU, cached activations on a CPU."""
     if config.recipe != "auto":
@@ -103,6 +120,7 @@ class CachedModel(nn.Module):
         self.tail, self.head = tail, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores of a batch of cached trunk activations."""
         # The cache holds fp16; without autocast (no bf16 on this CPU) the tail needs fp32.
         return self.head(self.tail(x.float()))
 

@@ -140,7 +140,7 @@ def plot_high_loss(items: Sequence[tuple[Picture, str, str, float]], columns: in
     return fig
 
 
-def plot_gradcam(image: Picture, cam: np.ndarray, prediction: Prediction,
+def plot_gradcam(image: Picture, cam: np.ndarray, prediction: Prediction, *,
                  true_name: str | None = None, unsure_below: float = 0.0) -> Figure:
     """The image, its Grad-CAM overlay and the top-K chart side by side; unsure ones say so."""
     from .gradcam import overlay

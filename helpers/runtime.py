@@ -20,7 +20,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:  # imported where used: the command lines and the engine start without it
+    import torch
 
 T = TypeVar("T")
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
@@ -42,7 +45,7 @@ class DiskFullError(UserError, OSError):
         self.errno = errno.ENOSPC
 
 
-def get_device(gpu: bool = True):
+def get_device(gpu: bool = True) -> torch.device:
     """cuda, then mps, then cpu (cpu only when gpu is False)."""
     import torch
 

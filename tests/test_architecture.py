@@ -18,7 +18,7 @@ PACKAGE = ROOT / "helpers"
 LAYERS = {
     "runtime": 0, "images": 0, "config": 0, "__init__": 0,
     "names": 1, "engine": 1, "backbones": 1, "data": 1,
-    "download": 2, "model": 2,
+    "download": 2, "model": 2, "splits": 2,
     "checkpoint": 3, "cache": 3, "train": 3,
     "export": 4, "inference": 4, "recipes": 4, "predict": 4, "evaluate": 4, "calibration": 4,
     "gradcam": 4,
@@ -49,8 +49,10 @@ def _imports(path: Path) -> set[str]:
                 continue
             if target:
                 found.add(target[0])
-            else:  # from . import a, b
-                found.update(alias.name for alias in node.names)
+            else:  # from . import a, b (modules; __version__ and such are not)
+                found.update(alias.name for alias in node.names
+                             if (PACKAGE / f"{alias.name}.py").exists()
+                             or (PACKAGE / alias.name).is_dir())
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("helpers."):
@@ -111,7 +113,10 @@ def _public_functions():
                 yield f"{name}.{attr}", obj
             elif inspect.isclass(obj):
                 for meth, fn in vars(obj).items():
-                    if inspect.isfunction(fn) and not meth.startswith("_"):
+                    # Overrides of a library's method keep the library's signature.
+                    inherited = any(meth in vars(base) for base in obj.__mro__[1:]
+                                    if not base.__module__.startswith("helpers"))
+                    if inspect.isfunction(fn) and not meth.startswith("_") and not inherited:
                         yield f"{name}.{attr}.{meth}", fn
 
 

@@ -17,7 +17,8 @@ CLASSES = {str(c): i for i, c in enumerate(sorted(str(k) for k in range(1, 13)))
 @pytest.fixture(scope="module")
 def trained() -> model.Classifier:
     torch.manual_seed(0)
-    clf = model.build_model("efficientnet_lite0", CLASSES, [f"f{c}" for c in CLASSES], 32)
+    clf = model.build_model("efficientnet_lite0", CLASSES, [f"f{c}" for c in CLASSES],
+                            hidden_units=32)
     with torch.no_grad():
         for p in clf.head.parameters():
             p.add_(torch.randn_like(p))  # differ from any fresh initialisation

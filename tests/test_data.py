@@ -70,8 +70,8 @@ def test_numpy_process_image_matches_torchvision_eval_transform(size, arch):
     spec = get_backbone(arch)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    ours = process_image(image, spec.input_size, spec.resize_size, spec.mean, spec.std,
-                         spec.interpolation)
+    ours = process_image(image, size=spec.input_size, resize=spec.resize_size, mean=spec.mean,
+                         std=spec.std, interpolation=spec.interpolation)
     reference = data.eval_transform(spec)(image).numpy()
     assert ours.shape == reference.shape == (3, spec.input_size, spec.input_size)
     assert ours.dtype == np.float32

@@ -64,7 +64,7 @@ def test_course_archive_is_downloaded_checked_and_arranged(server, tmp_path):
     www, url = server
     total = _course_archive(www / "flower_data.tar.gz", {"train": 3, "valid": 1, "test": 2})
     dest = tmp_path / "data" / "flowers"
-    root = download.ensure_data(dest, "course", url + "flower_data.tar.gz",
+    root = download.ensure_data(dest, source="course", base_url=url + "flower_data.tar.gz",
                                 num_classes=CLASSES, num_images=total)
     assert root == dest
     assert sorted(p.name for p in dest.iterdir()) == ["test", "train", "valid"]
@@ -78,7 +78,8 @@ def test_course_archive_with_wrong_layout_is_refused(server, tmp_path):
     total = _course_archive(www / "flower_data.tar.gz", {"train": 1, "valid": 1, "test": 1})
     dest = tmp_path / "flowers"
     with pytest.raises(DataError, match="expected 102"):
-        download.ensure_data(dest, "course", url + "flower_data.tar.gz", num_images=total)
+        download.ensure_data(dest, source="course", base_url=url + "flower_data.tar.gz",
+                             num_images=total)
     assert not dest.exists()
 
 
@@ -94,7 +95,8 @@ def test_flowers102_files_are_md5_checked_and_sorted_by_official_split(server, t
     md5s = {key: hashlib.md5((www / name).read_bytes()).hexdigest()
             for key, (name, _) in download.FLOWERS102_FILES.items()}
     dest = tmp_path / "flowers"
-    download.ensure_data(dest, "flowers102", url, md5s, num_classes=CLASSES, num_images=10)
+    download.ensure_data(dest, source="flowers102", base_url=url, md5s=md5s,
+                         num_classes=CLASSES, num_images=10)
     assert (dest / "train" / "3" / "image_00010.jpg").is_file()
     assert (dest / "valid" / "1" / "image_00004.jpg").is_file()
     assert (dest / "test" / "2" / "image_00008.jpg").is_file()
@@ -102,7 +104,8 @@ def test_flowers102_files_are_md5_checked_and_sorted_by_official_split(server, t
 
     bad = tmp_path / "again"
     with pytest.raises(DataError, match="md5"):
-        download.ensure_data(bad, "flowers102", url, md5s | {"labels": "0" * 32},
+        download.ensure_data(bad, source="flowers102", base_url=url,
+                             md5s=md5s | {"labels": "0" * 32},
                              num_classes=CLASSES, num_images=10)
     assert not bad.exists()
 
@@ -111,11 +114,12 @@ def test_offline_is_one_line_saying_where_to_put_the_data(server, tmp_path):
     _, url = server
     dest = tmp_path / "flowers"
     with pytest.raises(DataError) as info:
-        download.ensure_data(dest, "course", url + "missing.tar.gz")
+        download.ensure_data(dest, source="course", base_url=url + "missing.tar.gz")
     message = str(info.value)
     assert "\n" not in message and str(dest) in message and "FLOWERS_DIR" in message
     with pytest.raises(DataError, match="cannot download"):
-        download.ensure_data(dest, "course", "http://127.0.0.1:9/flower_data.tar.gz")
+        download.ensure_data(dest, source="course",
+                             base_url="http://127.0.0.1:9/flower_data.tar.gz")
 
 
 def test_folder_without_train_is_not_overwritten(tmp_path):

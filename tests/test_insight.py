@@ -300,7 +300,7 @@ def test_plots_return_figures():
     assert sum(len(ax.images) for ax in fig.axes) == 2 and "90%" in fig.axes[0].get_title()
     prediction = Prediction([0.4, 0.35, 0.25], ["1", "2", "3"], ["a", "b", "c"])
     fig = insight_plots.plot_gradcam(picture, np.linspace(0, 1, 400).reshape(20, 20),
-                                     prediction, "b", unsure_below=0.5)
+                                     prediction, true_name="b", unsure_below=0.5)
     assert len(fig.axes) == 3 and len(fig.axes[2].patches) == 3
     assert fig.axes[2].get_title().startswith("unsure")
     matplotlib.pyplot.close("all")

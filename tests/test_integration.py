@@ -6,27 +6,32 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import make_image_folder
-from helpers import checkpoint, cli, data, model, train
+from helpers import backbones, checkpoint, cli, evaluate, recipes, splits
+from helpers.config import TrainConfig
 
 
+@pytest.mark.slow
 def test_pipeline_command_trains_saves_predicts_and_charts(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "flowers", ["1", "2", "10"], per_class=4)
     out = tmp_path / "out"
     status = cli.main(["pipeline", "--data_dir", str(folder), "--out", str(out), "--epochs", "2",
-                       "--batch_size", "6", "--hidden_units", "16", "--learning_rate", "0.01"])
+                       "--batch_size", "6", "--hidden_units", "16", "--learning_rate", "0.01",
+                       "--arch", "test_efficientnet"])
     assert status == 0
     printed = capsys.readouterr().out
     assert "valid: top-1" in printed and "test: top-1" in printed and "top-5 chart" in printed
     assert (out / "top5.png").stat().st_size > 0 and (out / "history.png").is_file()
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["class_to_idx"] == {"1": 0, "10": 1, "2": 2}
-    assert ckpt["class_names"] == ["pink primrose", "globe thistle", "hard-leaved pocket orchid"]
+    assert ckpt["class_names"] == ["1", "10", "2"]  # a user's numbered folders keep their names
+    assert (out / "checkpoint.engine.onnx").is_file()  # predict.py's engine, beside it
     summary = json.loads((out / "metrics.json").read_text())
-    assert [r["epoch"] for r in summary["history"]] == [0, 1, 2]  # the probe, then 2 epochs
-    assert 0 <= summary["test"]["top1"] <= 1
+    assert [r["phase"] for r in summary["history"]] == ["linear probe", "fine-tune", "fine-tune"]
+    assert 0 <= summary["test"]["top1"] <= 1 and summary["calibration"]["fitted_on"] == "valid"
 
 
 def test_pipeline_reports_a_missing_folder_in_one_line(tmp_path, capsys):
@@ -47,19 +52,18 @@ def _subset(root: Path, link_root: Path, classes: list[str]) -> Path:
     return link_root
 
 
+@pytest.mark.slow
 def test_ten_real_flower_classes_beat_80_percent(real_data, tmp_path):
     valid_counts = Counter(p.parent.name for p in (real_data / "valid").glob("*/*.jpg"))
     classes = sorted((c for c, n in valid_counts.items() if n >= 5), key=int)[:10]
     folder = _subset(real_data, tmp_path / "ten", classes)
-    config = train.TrainConfig(epochs=2, batch_size=32, learning_rate=2e-3)
-    sets = data.load_datasets(folder, model.get_backbone(config.arch), ("train", "valid"))
-    train.seed_everything(config.seed)
-    clf = model.build_model(config.arch, sets["train"].class_to_idx)
-    loaders = data.make_loaders(sets, config.batch_size, num_workers=1)
-    train.fit(clf, loaders, config, torch.device("cpu"), progress=False, log=None)
-    result = train.evaluate(clf, loaders["valid"], torch.device("cpu"), progress=False)
+    config = TrainConfig(recipe="course", epochs=2, batch_size=32, learning_rate=2e-3,
+                         hidden_units=512)
+    found = splits.load_data(folder, backbones.get_backbone(config.arch), test_fraction=0)
+    clf = recipes.new_model(found.sets, config, names=found.names)
+    recipes.run_recipe(clf, found.sets, config, torch.device("cpu"), log=None)
+    result = evaluate.evaluate_model(clf, found.sets["valid"].samples)
     assert result["n"] >= 50 and result["top1"] > 0.80
-    path = checkpoint.save_checkpoint(clf, tmp_path / "ten.pth", config, {"valid": result})
+    path = checkpoint.save_checkpoint(clf, tmp_path / "ten.pth", config=config)
     reloaded, _ = checkpoint.load_checkpoint(path)
-    again = train.evaluate(reloaded, loaders["valid"], torch.device("cpu"), progress=False)
-    assert again["top1"] == result["top1"]
+    assert evaluate.evaluate_model(reloaded, found.sets["valid"].samples)["top1"] == result["top1"]

@@ -249,7 +249,8 @@ def test_ensure_data_uses_any_folder_of_photos_as_it_is(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(data.DataError, match="cannot download"):  # empty: it tries
-        download.ensure_data(empty, "course", "http://127.0.0.1:9/flower_data.tar.gz")
+        download.ensure_data(empty, source="course",
+                             base_url="http://127.0.0.1:9/flower_data.tar.gz")
     assert os.listdir(empty) == []
 
 

@@ -21,8 +21,8 @@ FOLDERS = sorted(str(i) for i in range(1, 13))
 def clf() -> model.Classifier:
     torch.manual_seed(0)
     mapping = {c: i for i, c in enumerate(FOLDERS)}
-    return model.build_model("efficientnet_lite0", mapping, [f"flower {c}" for c in FOLDERS],
-                             32).eval()
+    return model.build_model("test_efficientnet", mapping, [f"flower {c}" for c in FOLDERS],
+                             hidden_units=32).eval()
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I",

@@ -25,7 +25,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     elif args.int8:
         fp32 = export.export_onnx(model, out.with_suffix(".fp32.tmp.onnx"))
         try:
-            path = export.quantize_onnx(model, fp32, out, args.calibration)
+            path = export.quantize_onnx(model, fp32, out=out, calibration=args.calibration)
         finally:
             fp32.unlink(missing_ok=True)
     else:

@@ -9,11 +9,15 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..backbones import BACKBONES
 from ..config import TrainConfig
 from ..runtime import StopFlag, Stopped, UserError
 from . import Interrupted
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULTS = TrainConfig()
 COURSE = TrainConfig.course()
@@ -109,7 +113,7 @@ def check_writable(folder: Path, option: str) -> None:
                         f"choose another {option}") from None
 
 
-def device_for(gpu: bool):
+def device_for(gpu: bool) -> torch.device:
     """The GPU when --gpu (an error if there is none), else the CPU."""
     import torch
 
