@@ -24,27 +24,29 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import checkpoint, data, evaluate, gradcam, insight_plots, plots, predict, train  # noqa: E402
+from helpers import checkpoint, data, gradcam, plots, predict, report, runtime  # noqa: E402
+from helpers import report_plots as insight_plots  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "hubble_deep_field",
           "immunohistochemistry", "retina"]
 
 
 def main(ckpt_path: str) -> None:
+    """Draw every README picture from the checkpoint and print the unsure rates."""
     assets = ROOT / "assets"
-    device = train.get_device()
+    device = runtime.get_device()
     model, saved = checkpoint.load_checkpoint(ckpt_path, device)
-    config = train.TrainConfig(**saved["config"])
     sets = data.load_datasets(data.data_dir(), model.spec)
     history = saved["metrics"]["history"]
     plots.save_figure(plots.plot_history(history), assets / "training_curves.png")
     image_path, label = sets["test"].samples[0]
     fig, ax = plt.subplots(figsize=(5, 3))
-    plots.plot_topk_bars(predict.predict(image_path, model), ax, model.class_names[label])
+    plots.plot_topk_bars(predict.predict(image_path, model), ax,
+                         true_name=model.class_names[label])
     ax.set_title(f"top-5 for a test image of {model.class_names[label]}")
     plots.save_figure(fig, assets / "top5_bars.png")
 
-    insight = evaluate.report(model, sets, config, device)
+    insight = report.report(model, sets["test"].samples)
     plots.save_figure(insight_plots.plot_confusion(insight["confusion"], insight["order"],
                                                    model.class_names), assets / "confusion.png")
     plots.save_figure(insight_plots.plot_reliability(insight["reliability"]["before"],
@@ -64,10 +66,9 @@ def main(ckpt_path: str) -> None:
     print(f"scikit-image photos (not flowers): {unsure}/{len(PHOTOS)} unsure")
     photo = Image.fromarray(skimage.data.coffee())
     shown, cam = gradcam.explain(model, photo)
-    fig = insight_plots.plot_gradcam(shown, cam, predict.predict(photo, model), None,
-                                     model.unsure_below)
+    fig = insight_plots.plot_gradcam(shown, cam, predict.predict(photo, model),
+                                     unsure_below=model.unsure_below)
     plots.save_figure(fig, assets / "gradcam_coffee.png")
-    checkpoint.save_checkpoint(model, ckpt_path, config, saved["metrics"])
 
 
 if __name__ == "__main__":

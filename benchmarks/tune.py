@@ -1,6 +1,7 @@
-"""Try one variant of the training recipe on the course split; choose by valid accuracy.
+"""Try one variant of the training recipe on a data folder; choose by valid accuracy.
 
     python benchmarks/tune.py views=4 tail_stages=2 epochs=6
+    FLOWERS_DIR=build/fewshot python benchmarks/tune.py probe_epochs=40
 
 Each key=value overrides a field of TrainConfig. Prints the valid history, the valid and
 test accuracy and the phases' wall time as one JSON line (the test split only reports).
@@ -12,26 +13,34 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
-from helpers import data, recipes, train
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from helpers import backbones, data, evaluate, recipes, runtime, splits  # noqa: E402
+from helpers.config import TrainConfig  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
-    types = {f.name: f.type for f in dataclasses.fields(train.TrainConfig)}
+    """Train the variant given by key=value arguments and print its figures as JSON."""
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     casts = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() == "true"}
     changes = {k: casts[types[k]](v) for k, v in (a.split("=", 1) for a in argv)}
-    config = train.TrainConfig(**changes)
-    device = train.get_device()
+    config = TrainConfig(**changes)
+    device = runtime.get_device()
     start = time.perf_counter()
-    sets, clf = recipes.prepare(data.data_dir(), config)
-    history = recipes.run_recipe(clf, sets, config, device, progress=False, start=start)
-    trained = time.perf_counter()
-    result = {split: recipes.evaluate_split(clf, sets[split], config, device)
-              for split in ("valid", "test")}
-    print(json.dumps({"changes": changes, "valid": [round(r["valid_top1"], 4) for r in history],
-                      "valid_final": result["valid"]["top1"], "test": result["test"]["top1"],
-                      "test_top5": result["test"]["top5"], "train_s": round(trained - start),
-                      "eval_s": round(time.perf_counter() - trained)}))
+    found = splits.load_data(data.data_dir(), backbones.get_backbone(config.arch))
+    clf = recipes.new_model(found.sets, config, names=found.names)
+    trained = recipes.run_recipe(clf, found.sets, config, device, log=None)
+    done = time.perf_counter()
+    result = {split: evaluate.evaluate_model(clf, found.sets[split].samples)
+              for split in ("valid", "test") if split in found.sets}
+    print(json.dumps({"changes": changes,
+                      "valid": [round(r["valid_top1"], 4) for r in trained.history],
+                      "valid_final": result["valid"]["top1"],
+                      "test": result.get("test", {}).get("top1"),
+                      "train_s": round(done - start),
+                      "eval_s": round(time.perf_counter() - done)}))
 
 
 if __name__ == "__main__":
