@@ -10,15 +10,11 @@ file, even one that still loads, is deleted and rebuilt.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +25,7 @@ from torchvision import datasets, transforms
 
 from .backbones import Backbone
 from .data import cache_dir, eval_transform, train_transform
+from .onnx_io import onnx_bytes
 from .runtime import (
     StopFlag,
     atomic_save,
@@ -143,19 +140,8 @@ def onnx_runner(trunk: nn.Module, input_size: int) -> Callable[[torch.Tensor], t
 
     path = cache_dir() / "onnx" / f"trunk-{_weights_digest(trunk).hexdigest()[:24]}.onnx"
     if not is_intact(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            raw = Path(tmp) / "trunk.onnx"
-            example = torch.zeros(2, 3, input_size, input_size)
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(trunk.float().eval(), (example,), raw, dynamo=True,
-                                  verbose=False, input_names=["images"],
-                                  output_names=["activations"],
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                  external_data=False)
-            atomic_write_bytes(raw.read_bytes(), path)
-        seal(path)
+        example = torch.zeros(2, 3, input_size, input_size)
+        seal(atomic_write_bytes(onnx_bytes(trunk, example, output="activations"), path))
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3

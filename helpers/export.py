@@ -7,9 +7,7 @@ needs to prepare images and name classes in its metadata, so it stands alone.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import os
 import tempfile
@@ -22,6 +20,7 @@ from torch import nn
 
 from .images import ImageError, is_image_file, process_image
 from .model import Classifier
+from .onnx_io import onnx_bytes, quiet
 from .runtime import atomic_write, atomic_write_bytes
 
 
@@ -60,15 +59,6 @@ def metadata(model: Classifier) -> dict[str, str]:
             "unsure_below": repr(float(getattr(model, "unsure_below", 0.0)))}
 
 
-def _quiet():
-    """Silence the exporter's progress lines and warnings."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")
-    return stack
-
-
 def save_with_metadata(proto, path: str | os.PathLike, values: dict[str, str]) -> Path:
     """Write an ONNX model whose metadata is `values`, atomically (temporary file, rename)."""
     del proto.metadata_props[:]
@@ -86,16 +76,11 @@ def export_onnx(model: Classifier, path: str | os.PathLike, *, output: str = "pr
     """
     import onnx
 
-    path = Path(path)
     size = model.spec.input_size
     module = copy.deepcopy(model).float().cpu().eval()
     wrapper = Probabilities(module) if output == "probabilities" else module
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
-        raw = Path(tmp) / "model.onnx"
-        torch.onnx.export(wrapper, (torch.zeros(2, 3, size, size),), raw, dynamo=True,
-                          verbose=False, input_names=["images"], output_names=[output],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
-        proto = onnx.load(raw)
+    proto = onnx.load_from_string(onnx_bytes(wrapper, torch.zeros(2, 3, size, size),
+                                             output=output))
     return save_with_metadata(proto, path, metadata(model) | {"output": output} | (extra or {}))
 
 
@@ -132,7 +117,7 @@ def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, *, out: str |
             return next(self.items, None)
 
     path = Path(out)
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
+    with tempfile.TemporaryDirectory() as tmp, quiet():
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         out = Path(tmp) / "int8.onnx"
@@ -160,7 +145,7 @@ def export_torch(model: Classifier, path: str | os.PathLike) -> Path:
     deprecated = any("deprecated" in str(w.message).lower() for w in caught)
     if traced is not None and not deprecated:
         return atomic_write(path.with_suffix(".pt"), lambda f: torch.jit.save(traced, f))
-    with _quiet():
+    with quiet():
         program = torch.export.export(wrapper, (example,),
                                       dynamic_shapes=({0: torch.export.Dim("batch")},))
     return atomic_write(path.with_suffix(".pt2"), lambda f: torch.export.save(program, f))

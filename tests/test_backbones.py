@@ -39,7 +39,11 @@ def test_pretrained_backbone_outputs_the_same_features_as_the_imagenet_model(lit
         assert torch.allclose(features(x), expected)
 
 
-@pytest.mark.parametrize("name", list(backbones.BACKBONES))
+LARGE = {"vgg16", "densenet121", "resnet50", "efficientnet_b0", "mobilenet_v3_large"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n
+                                  for n in backbones.BACKBONES])
 def test_every_backbone_builds_and_outputs_its_feature_size(name):
     spec = backbones.get_backbone(name)
     torch.manual_seed(0)

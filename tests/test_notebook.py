@@ -6,6 +6,7 @@ import json
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from conftest import ROOT
@@ -35,6 +36,7 @@ def _subset(real_data, dest, classes: int = 6, per_class: int = 6):
     return dest
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom_and_draws_the_sanity_check(real_data, tmp_path,
                                                                 monkeypatch):
     monkeypatch.setenv("FLOWERS_DIR", str(_subset(real_data, tmp_path / "flowers")))
