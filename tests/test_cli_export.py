@@ -141,7 +141,7 @@ def test_predict_answers_without_importing_torch(folder, ckpt):
     assert done.stdout.strip().splitlines()[-1] == "False 0", done.stderr
 
 
-def test_a_stale_engine_is_rebuilt_from_the_checkpoint(folder, ckpt, tmp_path):
+def test_a_stale_engine_is_rebuilt_from_the_checkpoint(folder, ckpt, tmp_path, capsys):
     from helpers.engine import engine_path, open_engine
 
     copy = tmp_path / "copy.pth"
@@ -150,38 +150,46 @@ def test_a_stale_engine_is_rebuilt_from_the_checkpoint(folder, ckpt, tmp_path):
     checkpoint.save_checkpoint(clf, copy)  # a checkpoint without its engine
     assert open_engine(copy) is None
     image = folder / "test" / "2" / "img_0.jpg"
-    done = run("predict.py", str(image), str(copy), "--json")
-    assert done.returncode == 0 and "preparing the prediction engine" in done.stderr
+    assert cli.main(["predict", str(image), str(copy), "--json"]) == 0
+    done = capsys.readouterr()
+    assert "preparing the prediction engine" in done.err
     assert open_engine(copy).temperature == 2.0 and engine_path(copy).is_file()
-    checkpoint.save_checkpoint(clf, copy)  # newer bytes (a new timestamp in the versions)
-    engine_path(copy).write_bytes(b"truncated")  # damaged as well
-    again = run("predict.py", str(image), str(copy), "--json")
-    assert again.returncode == 0 and json.loads(again.stdout) == json.loads(done.stdout)
+    clf.temperature = 3.0
+    checkpoint.save_checkpoint(clf, copy)  # other bytes: the engine beside it is stale
+    assert open_engine(copy) is None
+    engine_path(copy).write_bytes(b"truncated")  # and damaged as well
+    assert cli.main(["predict", str(image), str(copy), "--json"]) == 0
+    again = capsys.readouterr()
+    assert "preparing the prediction engine" in again.err
+    assert [p["class"] for p in json.loads(again.out)["predictions"]] == \
+        [p["class"] for p in json.loads(done.out)["predictions"]]
+    assert open_engine(copy).temperature == 3.0
 
 
-def test_a_bad_file_in_a_folder_is_named_and_the_rest_reported(folder, ckpt, tmp_path):
+def test_a_bad_file_in_a_folder_is_named_and_the_rest_reported(folder, ckpt, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, src in enumerate(sorted((folder / "test").rglob("*.jpg"))[:3]):
         (photos / f"{i}.jpg").write_bytes(src.read_bytes())
     (photos / "1b.jpg").write_bytes(b"not a photo")
-    done = run("predict.py", str(photos), str(ckpt), "--json")
-    assert done.returncode == 0, done.stderr
-    results = json.loads(done.stdout)
+    assert cli.main(["predict", str(photos), str(ckpt), "--json"]) == 0
+    done = capsys.readouterr()
+    results = json.loads(done.out)
     assert len(results) == 4 and sum("error" in r for r in results) == 1
-    assert "1b.jpg" in done.stderr and "Traceback" not in done.stderr
-    strict = run("predict.py", str(photos), str(ckpt), "--strict")
-    assert strict.returncode == 1 and "1b.jpg" in strict.stderr
-    assert strict.stdout.count("1. ") == 3  # the good ones are still reported
+    assert "1b.jpg" in done.err
+    assert cli.main(["predict", str(photos), str(ckpt), "--strict"]) == 1
+    strict = capsys.readouterr()
+    assert "1b.jpg" in strict.err and strict.out.count("1. ") == 3  # the good ones reported
     bad_test = tmp_path / "test"
     for c in CLASSES:
         (bad_test / c).mkdir(parents=True)
         for src in sorted((folder / "test" / c).glob("*.jpg")):
             (bad_test / c / src.name).write_bytes(src.read_bytes())
     (bad_test / "2" / "broken.jpg").write_bytes(b"\xff\xd8 cut")
-    evaluated = run("-m", "helpers", "evaluate", str(ckpt), str(bad_test))
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert "broken.jpg" in evaluated.stderr and "12 images, 1 unreadable" in evaluated.stdout
+    assert cli.main(["evaluate", str(ckpt), str(bad_test)]) == 0
+    evaluated = capsys.readouterr()
+    assert "broken.jpg" in evaluated.err and "12 images, 1 unreadable" in evaluated.out
+    assert cli.main(["evaluate", str(ckpt), str(bad_test), "--strict"]) == 1
 
 
 def test_evaluate_and_cache_commands(folder, ckpt, capsys):
