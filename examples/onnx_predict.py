@@ -9,6 +9,7 @@ already calibrated inside the graph (the logits are divided by the fitted temper
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -36,22 +37,38 @@ def preprocess(path: str, meta: dict) -> np.ndarray:
     return x.transpose(2, 0, 1)[None].copy()
 
 
-def main() -> None:
+def main() -> int:
+    """Print the top-K names of one photo; a bad model or photo is one line and exit 1."""
     parser = argparse.ArgumentParser(description="top-K flower names from an ONNX model")
     parser.add_argument("model")
     parser.add_argument("image")
     parser.add_argument("--top_k", type=int, default=5)
     args = parser.parse_args()
-    session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    probs = session.run(None, {"images": preprocess(args.image, meta)})[0][0]
+    try:
+        session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        if "class_names" not in meta:
+            raise ValueError("no class names in its metadata; export it with "
+                             "python -m helpers export")
+    except Exception as err:  # missing, truncated, not ONNX, or not one of ours
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else "unreadable"
+        print(f"error: {args.model}: not a usable ONNX model ({reason})", file=sys.stderr)
+        return 1
+    try:
+        x = preprocess(args.image, meta)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        print(f"error: {args.image}: not a readable image ({err}); use a JPEG, PNG or WebP",
+              file=sys.stderr)
+        return 1
+    probs = session.run(None, {"images": x})[0][0]
     names = json.loads(meta["class_names"])
     for rank, i in enumerate(np.argsort(probs)[::-1][: args.top_k], 1):
         print(f"{rank}. {names[i]}  {probs[i]:.2%}")
     threshold = float(meta.get("unsure_below", 0.0))  # absent from older exports: never unsure
     if probs.max() < threshold:
         print(f"unsure: top probability {probs.max():.2%} below the threshold {threshold:.2%}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -34,6 +34,7 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None = None) -> 
     try:
         with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
+            print(f"downloading {url} ({(total or 0) / 1e6:.0f} MB)", flush=True)
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
@@ -134,7 +135,6 @@ def ensure_data(root: str | os.PathLike | None = None, *, source: str = "course"
     root.parent.mkdir(parents=True, exist_ok=True)
     if source not in ("course", "flowers102"):
         raise DataError(f"unknown data source {source!r}; choose course or flowers102")
-    print(f"no data at {root}: downloading the flowers data ({source} source)")
     try:
         return _download_and_arrange(root, source, base_url, md5s, num_classes, num_images)
     except DataError as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -13,6 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .predict import Prediction
+from .runtime import atomic_write
 
 
 def plot_topk_bars(prediction: Prediction, ax: Axes | None = None,
@@ -45,17 +47,22 @@ def plot_prediction(image: Image.Image | np.ndarray, prediction: Prediction,
     return fig
 
 
-def plot_history(history: Sequence[dict[str, float]]) -> Figure:
-    """Loss and accuracy per epoch: training and validation side by side."""
+def plot_history(history: Sequence[dict[str, Any]]) -> Figure:
+    """Loss and accuracy per epoch, training and validation side by side: the linear probe
+    (if any) named as such, whole epochs on the x-axis, the epoch kept marked."""
     epochs = [row["epoch"] for row in history]
+    labels = [("probe" if row.get("phase") == "linear probe" else str(row["epoch"]))
+              for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    ax_loss.plot(epochs, [r["valid_loss"] for r in history], "o-", label="valid")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
-    ax_acc.plot(epochs, [r["train_top1"] for r in history], "o-", label="train")
-    ax_acc.plot(epochs, [r["valid_top1"] for r in history], "o-", label="valid")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="Accuracy")
-    for ax in (ax_loss, ax_acc):
+    for ax, metric, title in ((ax_loss, "loss", "Loss"), (ax_acc, "top1", "Accuracy")):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
+        ax.plot(epochs, [r[f"valid_{metric}"] for r in history], "o-", label="valid")
+        kept = [r for r in history if r.get("kept")]
+        if kept:
+            ax.axvline(kept[0]["epoch"], color="green", ls="--", lw=1, label="epoch kept")
+        ax.set_xticks(epochs, labels)
+        ax.set(xlabel="epoch", title=title,
+               ylabel="cross-entropy loss" if metric == "loss" else "top-1 accuracy")
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -64,11 +71,11 @@ def plot_history(history: Sequence[dict[str, float]]) -> Figure:
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write a figure to a PNG file (folders made as needed) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110,
+                                                         bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def show_images(images: Sequence[np.ndarray], titles: Sequence[str], *, mean: Sequence[float],

@@ -223,6 +223,7 @@ def progress(items: Iterable[T], *, desc: str, total: int | None = None,
         return
     start = last = time.perf_counter()
     done = 0
+    units = unit + ("es" if unit.endswith(("s", "ch")) else "s")
     for item in items:
         yield item
         done += 1
@@ -232,11 +233,11 @@ def progress(items: Iterable[T], *, desc: str, total: int | None = None,
             rate = done / (now - start)
             left = f", about {(total - done) / rate:.0f} s left" if total else ""
             of = f"/{total}" if total else ""
-            print(f"  {desc}: {done}{of} {unit}s, {rate:.1f} {unit}s/s{left}", file=sys.stderr,
+            print(f"  {desc}: {done}{of} {units}, {rate:.1f} {units}/s{left}", file=sys.stderr,
                   flush=True)
     elapsed = time.perf_counter() - start
     if elapsed >= every:  # the phase's one closing line, when it was long enough to report
-        print(f"  {desc}: {done} {unit}s in {elapsed:.0f} s, {done / elapsed:.1f} {unit}s/s",
+        print(f"  {desc}: {done} {units} in {elapsed:.0f} s, {done / elapsed:.1f} {units}/s",
               file=sys.stderr, flush=True)
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import ROOT, make_image_folder
-from helpers import backbones, checkpoint, cli, data, images
+from helpers import backbones, checkpoint, cli, data, images, runtime
 from helpers.predict import process_image
 
 LITE0 = backbones.get_backbone("efficientnet_lite0")
@@ -246,7 +246,6 @@ def test_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 
 FILL_THE_DISK = """
 import sys, torch
-from helpers import runtime
 target = sys.argv[1] + "/state.pth"
 runtime.atomic_save({"weights": torch.zeros(10)}, target)
 try:
@@ -297,3 +296,34 @@ def test_training_onto_a_full_disk_is_one_line(train_env, tmp_path):
     assert err[-1].startswith(f"error: no space left on the device holding {tmp_path}/disk")
     assert "Traceback" not in done.stderr
     assert not [n for n in lines[lines.index("status 1") + 1:] if n.endswith(".tmp")]
+
+
+def test_a_second_stop_request_aborts_at_once():
+    stop = runtime.StopFlag()
+    stop.request(signal.SIGTERM)
+    assert stop.requested and stop.signal_name == "SIGTERM"
+    with pytest.raises(runtime.Stopped, match="stopped by SIGTERM during extraction"):
+        stop.check("extraction")
+    with pytest.raises(KeyboardInterrupt):
+        stop.request(signal.SIGINT)
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "not an image"])
+def test_the_standalone_onnx_script_fails_in_one_line(case, tmp_path):
+    from helpers import export, model
+
+    torch.manual_seed(0)
+    onnx_path = export.export_onnx(model.build_model("test_efficientnet", {"a": 0, "b": 1},
+                                                     hidden_units=0), tmp_path / "m.onnx")
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(_jpeg_bytes())
+    if case == "missing":
+        onnx_path = tmp_path / "absent.onnx"
+    elif case == "truncated":
+        onnx_path.write_bytes(onnx_path.read_bytes()[:500])
+    else:
+        photo.write_text("hello")
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "onnx_predict.py"),
+                           str(onnx_path), str(photo)], capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1

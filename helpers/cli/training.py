@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..backbones import BACKBONES
 from ..config import TrainConfig
-from ..runtime import StopFlag, Stopped, UserError
+from ..runtime import StopFlag, Stopped, UserError, atomic_write_bytes
 from . import Interrupted
 
 if TYPE_CHECKING:
@@ -274,7 +274,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     fig = plots.plot_prediction(open_image(image_path), result, true_name=true_name)
     print(f"top-5 chart: {plots.save_figure(fig, out / 'top5.png')}")
     summary = {"data_dir": str(root), "history": done["history"], **done["metrics"]}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_bytes(json.dumps(summary, indent=2, default=str).encode(), out / "metrics.json")
     print(f"done in {done['metrics']['seconds']:.0f} s; figures in {out / 'metrics.json'}")
 
 
