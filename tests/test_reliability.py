@@ -246,6 +246,7 @@ def test_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 
 FILL_THE_DISK = """
 import sys, torch
+from helpers import runtime
 target = sys.argv[1] + "/state.pth"
 runtime.atomic_save({"weights": torch.zeros(10)}, target)
 try:
