@@ -31,6 +31,7 @@ from .runtime import (
     atomic_save,
     atomic_write_bytes,
     autocast,
+    file_sha256,
     ignore_stop_signals,
     progress,
 )
@@ -92,15 +93,6 @@ def _weights_digest(module: nn.Module) -> hashlib._Hash:
     return h
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, in hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
@@ -108,7 +100,7 @@ def _sidecar(path: Path) -> Path:
 def seal(path: str | os.PathLike) -> Path:
     """Store the sha256 of a cached file beside it (written after the file itself)."""
     path = Path(path)
-    atomic_write_bytes(file_digest(path).encode(), _sidecar(path))
+    atomic_write_bytes(file_sha256(path).encode(), _sidecar(path))
     return path
 
 
@@ -116,7 +108,7 @@ def is_intact(path: str | os.PathLike) -> bool:
     """True when a cached file and its stored sha256 exist and agree; else both are deleted."""
     path = Path(path)
     try:
-        if path.is_file() and file_digest(path) == _sidecar(path).read_text().strip():
+        if path.is_file() and file_sha256(path) == _sidecar(path).read_text().strip():
             return True
     except OSError:
         pass

@@ -10,7 +10,6 @@ made from, so a stale engine beside a newer checkpoint is never used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .images import ImageError, process_image
+from .runtime import file_sha256
 
 ENGINE_SUFFIX = ".engine.onnx"
 
@@ -45,15 +45,6 @@ def softmax(logits: np.ndarray, *, temperature: float = 1.0) -> np.ndarray:
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, in hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def engine_path(checkpoint: str | os.PathLike) -> Path:
@@ -147,4 +138,4 @@ def open_engine(checkpoint: str | os.PathLike) -> Engine | None:
         engine = Engine(path)
     except Exception:  # damaged in any way ONNX Runtime can fail: rebuilt, never trusted
         return None
-    return engine if engine.checkpoint_sha256 == sha256_of(checkpoint) else None
+    return engine if engine.checkpoint_sha256 == file_sha256(checkpoint) else None

@@ -19,10 +19,11 @@ import torch
 from .cache import is_intact, seal
 from .checkpoint import save_checkpoint
 from .data import cache_dir
-from .engine import Engine, engine_path, sha256_of
+from .engine import Engine, engine_path
 from .export import export_onnx, save_with_metadata
 from .images import ImageError
 from .model import Classifier
+from .runtime import file_sha256
 
 _LOADED: dict[str, Engine] = {}  # engines by weights digest, so a session is made once
 
@@ -58,7 +59,7 @@ def write_engine(model: Classifier, checkpoint: str | os.PathLike) -> Path:
     values = {p.key: p.value for p in onnx.load(source).metadata_props}
     values |= {"temperature": repr(float(model.temperature)),
                "unsure_below": repr(float(model.unsure_below)),
-               "checkpoint_sha256": sha256_of(checkpoint)}
+               "checkpoint_sha256": file_sha256(checkpoint)}
     return save_with_metadata(onnx.load(source), engine_path(checkpoint), values)
 
 

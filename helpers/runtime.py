@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import random
 import shutil
@@ -88,6 +89,15 @@ def disk_full_message(folder: str | os.PathLike, *, needed: int = 0) -> str:
     want = f"free at least {max(needed - free, 1) / 1e6:.0f} MB" if needed else "free some space"
     return (f"no space left on the device holding {folder} ({free / 1e6:.0f} MB free): "
             f"{want} or choose another folder (--save_dir, --out, $FLOWERS_CACHE)")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
