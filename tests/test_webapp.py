@@ -199,6 +199,7 @@ def _nodes(path: Path):
     return onnx.load(path).graph.node
 
 
+@pytest.mark.slow
 def test_ort_export_gives_the_same_top5_as_onnx(tiny_ckpt, tmp_path):
     ckpt, folder = tiny_ckpt
     assert cli.main(["export", str(ckpt), "-o", str(tmp_path / "m.onnx")]) == 0
