@@ -155,13 +155,12 @@ def test_precision_follows_the_calibration_photos_at_hand(tiny_ckpt, tmp_path):
         webapp.calibration_folder({}, tmp_path / "missing")
 
 
-def test_missing_npm_is_one_clear_line(tmp_path, monkeypatch, capsys):
+def test_missing_npm_is_one_clear_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing to run here: no npm
-    ckpt = tmp_path / "none.pth"
-    assert cli.main(["app", str(ckpt), "--out", str(tmp_path / "app")]) == 1
-    assert "no such checkpoint" in capsys.readouterr().err  # the checkpoint is checked first
-    with pytest.raises(webapp.AppError, match="npm not found"):
-        webapp.ort_dist()
+    assert cli.main(["app", str(tiny_ckpt[0]), "--out", str(tmp_path / "app")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: npm not found: install Node.js") and err.count("\n") == 1
+    assert not (tmp_path / "app").exists()  # it failed before the slow export
 
 
 @needs_npm
