@@ -64,7 +64,7 @@ function show(probs) {
   }));
   const top = probs[order[0]];
   if (top < meta.unsure_below) {
-    setStatus(`Not sure (unsure: the best guess has ${(100 * top).toFixed(0)} %, below ` +
+    setStatus(`Not sure: the best guess has only ${(100 * top).toFixed(0)} % (unsure below ` +
               `${(100 * meta.unsure_below).toFixed(0)} %). Try a closer, sharper photo.`, true);
   } else {
     setStatus(`Most likely: ${meta.class_names[order[0]]}.`);
