@@ -252,8 +252,8 @@ def cmd_app(args: argparse.Namespace) -> None:
 
     try:
         built = webapp.build_app(args.checkpoint, out=args.out, calibration=args.calibration)
-        print(f"app in {built['out']}: model {built['precision']} ({built['model_mb']:.1f} MB), "
-              f"{len(built['files'])} files; {built['why']}")
+        print(f"app in {built['out']}: {len(built['files'])} files, model "
+              f"{built['model_mb']:.1f} MB; {built['why']}")
         if args.serve is not None:
             webapp.serve(built["out"], port=args.serve)
     except webapp.AppError as err:

@@ -169,7 +169,7 @@ def test_build_app_writes_a_complete_int8_app(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "app"
     assert cli.main(["app", str(ckpt), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "model int8" in printed and str(folder / "train") in printed
+    assert f"int8, calibrated on the training folder {folder / 'train'}" in printed
     for name in [*webapp.STATIC, "sw.js", "model.json", "model.onnx",
                  *(f"ort/{n}" for n in webapp.ORT_FILES)]:
         assert (out / name).is_file(), name
