@@ -23,7 +23,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from . import checkpoint, export
+from . import export
+from .checkpoint import load_checkpoint
 from .data import cache_dir
 
 WEBAPP = Path(__file__).resolve().parent / "webapp"
@@ -122,10 +123,10 @@ def _service_worker(out: Path, files: list[str]) -> None:
     (out / "sw.js").write_text(text)
 
 
-def build_app(checkpoint_path: str | os.PathLike, *, out: str | os.PathLike,
+def build_app(checkpoint: str | os.PathLike, *, out: str | os.PathLike,
               calibration: str | os.PathLike | None = None) -> dict[str, Any]:
     """Write the offline app for a checkpoint into `out`; returns its precision and files."""
-    model, ckpt = checkpoint.load_checkpoint(checkpoint_path)
+    model, ckpt = load_checkpoint(checkpoint)
     folder, why = calibration_folder(ckpt, calibration)
     dist = ort_dist()  # before the slow export: a missing npm fails fast
     out = Path(out)
