@@ -239,6 +239,42 @@ def test_app_names_real_photos_like_python(app):
     assert any("unsure" in r["status"] for r in rows) or meta["unsure_below"] == 0
 
 
+def test_app_reads_phone_photos_upright(app, tmp_path):
+    """A photo with an EXIF rotation (as phones take them) and a PNG with transparency."""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    meta = json.loads((OUT / "model.json").read_text())
+    with Image.open(app[0]) as photo:
+        upright = photo.convert("RGB")
+    rotated = tmp_path / "rotated.jpg"  # stored on its side; EXIF 6: turn 90 degrees to view
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(rotated, quality=95, exif=exif.tobytes())
+    clear = tmp_path / "clear.png"  # a transparent frame: seen over white
+    rgba = upright.convert("RGBA")
+    alpha = Image.new("L", rgba.size, 0)
+    alpha.paste(255, (40, 40, rgba.width - 40, rgba.height - 40))
+    rgba.putalpha(alpha)
+    rgba.save(clear)
+    with served(OUT) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_context(viewport=PHONE, service_workers="block").new_page()
+        try:
+            page.goto(url)
+            page.wait_for_selector("body[data-ready=true]", timeout=120_000)
+            for n, path in enumerate((rotated, clear), 1):
+                _upload(page, path, n)
+                seen = np.asarray(page.evaluate("Array.from(window.__lastInput)"), np.float32)
+                expected = process_image(path, meta["input_size"], meta["resize_size"],
+                                         tuple(meta["mean"]), tuple(meta["std"]),
+                                         meta["interpolation"])
+                diff = np.abs(seen.reshape(expected.shape) - expected)
+                assert diff.max() <= INPUT_MAX and diff.mean() <= INPUT_MEAN, path.name
+        finally:
+            browser.close()
+
+
 def test_app_works_offline_on_a_phone_screen(app, tmp_path):
     """Loaded once, the app answers with its server gone; a screenshot of a non-data-set photo."""
     from PIL import Image
