@@ -10,6 +10,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,7 +24,7 @@ from torch import nn
 from .images import ImageError, is_image_file, process_image
 from .model import Classifier
 from .onnx_io import onnx_bytes, quiet
-from .runtime import atomic_write, atomic_write_bytes
+from .runtime import UserError, atomic_copy, atomic_write, atomic_write_bytes
 
 
 class Probabilities(nn.Module):
@@ -130,6 +133,24 @@ def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, *, out: str |
                         weight_type=QuantType.QInt8, nodes_to_exclude=softmax)
         proto = onnx.load(out)
     return save_with_metadata(proto, path, metadata(model))
+
+
+def export_ort(onnx_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """An ONNX file in ONNX Runtime Mobile's .ort format (for native Android and iOS apps)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The converter works on a folder and names its output after the input file.
+        source = Path(tmp) / "model.onnx"
+        shutil.copyfile(onnx_path, source)
+        done = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort",
+                               str(source), "--output_dir", str(Path(tmp) / "ort"),
+                               "--optimization_style", "Fixed"], capture_output=True, text=True)
+        converted = Path(tmp) / "ort" / "model.ort"
+        if done.returncode != 0 or not converted.is_file():
+            last = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+            raise UserError(f"{onnx_path}: conversion to .ort failed ({last[-1]})")
+        return atomic_copy(converted, out)
 
 
 def export_torch(model: Classifier, path: str | os.PathLike) -> Path:

@@ -1,4 +1,5 @@
-"""The notebook in a real browser: JupyterLab runs every cell on synthetic data and draws charts."""
+"""The notebook in a real browser: JupyterLab runs every cell on synthetic data, draws charts,
+and names a photo uploaded through the last cell's widget."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, synthetic_image
 
 if TYPE_CHECKING:  # playwright is optional: the fixture skips the test without it
     from playwright.sync_api import Page
@@ -134,7 +135,26 @@ def _run_all_cells(page: Page) -> None:
     pytest.fail("Run > Run All Cells did not start the notebook")
 
 
-def test_notebook_runs_in_jupyterlab_and_draws_charts(lab: str) -> None:
+def _try_your_photo(page: Page, tmp_path: Path) -> None:
+    """Upload a synthetic photo through the last cell's FileUpload: its top-5 chart appears."""
+    import numpy as np
+
+    photo = tmp_path / "my_flower.png"
+    synthetic_image(2, np.random.default_rng(5), size=(120, 90)).save(photo)
+    cell = page.locator(".jp-CodeCell").last
+    assert "try_your_photo" in cell.locator(".jp-InputArea").inner_text()
+    button = cell.locator("button.widget-upload")
+    button.wait_for(timeout=60_000)
+    with page.expect_file_chooser() as chooser:  # as a user would: click, pick a file
+        button.click()
+    chooser.value.set_files(str(photo))
+    chart = cell.locator(".jp-OutputArea-output img")
+    chart.first.wait_for(timeout=120_000)
+    verdict = cell.locator(".jp-OutputArea-output", has_text=re.compile("Most likely|Not sure"))
+    verdict.first.wait_for(timeout=30_000)
+
+
+def test_notebook_runs_in_jupyterlab_and_draws_charts(lab: str, tmp_path: Path) -> None:
     """Run > Run All Cells in headless Chromium: every cell runs, none fails, charts appear."""
     from playwright.sync_api import sync_playwright
 
@@ -160,6 +180,7 @@ def test_notebook_runs_in_jupyterlab_and_draws_charts(lab: str) -> None:
             assert page.locator(".jp-CodeCell").last.locator(".jp-OutputArea-output").count()
             images = page.locator(".jp-OutputArea-output img").count()
             assert images >= 8, f"only {images} charts rendered"
+            _try_your_photo(page, tmp_path)
 
             # Fold the file browser away and show the sanity-check grid, the chart worth seeing.
             page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").click()

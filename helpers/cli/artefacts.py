@@ -9,28 +9,45 @@ from ..runtime import UserError
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """Write the model as ONNX (fp32, or int8 with --int8) or TorchScript / torch.export."""
+    """Write the model as ONNX (fp32, or int8 with --int8), .ort, or TorchScript / torch.export."""
     from .. import checkpoint, export
 
-    if args.int8 and args.format != "onnx":
-        raise UserError("--int8 applies to --format onnx only")
+    if args.int8 and args.format == "torchscript":
+        raise UserError("--int8 applies to --format onnx or ort only")
     if args.int8 and not args.calibration:
         raise UserError("--int8 needs --calibration FOLDER: training images to calibrate on")
     model, _ = checkpoint.load_checkpoint(args.checkpoint)
-    default = Path(args.checkpoint).with_suffix(".int8.onnx" if args.int8 else
-                                                ".onnx" if args.format == "onnx" else ".pt")
+    suffix = {"onnx": ".onnx", "ort": ".ort", "torchscript": ".pt"}[args.format]
+    default = Path(args.checkpoint).with_suffix((".int8" if args.int8 else "") + suffix)
     out = Path(args.output) if args.output else default
+    onnx_out = out.with_suffix(".tmp.onnx") if args.format == "ort" else out
     if args.format == "torchscript":
         path = export.export_torch(model, out)
     elif args.int8:
         fp32 = export.export_onnx(model, out.with_suffix(".fp32.tmp.onnx"))
         try:
-            path = export.quantize_onnx(model, fp32, out=out, calibration=args.calibration)
+            path = export.quantize_onnx(model, fp32, out=onnx_out, calibration=args.calibration)
         finally:
             fp32.unlink(missing_ok=True)
     else:
-        path = export.export_onnx(model, out)
+        path = export.export_onnx(model, onnx_out)
+    if args.format == "ort":
+        try:
+            path = export.export_ort(path, out)
+        finally:
+            onnx_out.unlink(missing_ok=True)
     print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def cmd_app(args: argparse.Namespace) -> None:
+    """Build the offline phone app (web page + model) into --out; --serve serves it on loopback."""
+    from .. import webapp
+
+    built = webapp.build_app(args.checkpoint, out=args.out, calibration=args.calibration)
+    print(f"app in {built['out']}: {len(built['files'])} files, model "
+          f"{built['model_mb']:.1f} MB; {built['why']}")
+    if args.serve is not None:
+        webapp.serve(built["out"], port=args.serve)
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -50,11 +67,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the model as ONNX or TorchScript for applications",
                        description=cmd_export.__doc__)
     p.add_argument("checkpoint")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    p.add_argument("--int8", action="store_true", help="ONNX only: static int8 quantization")
+    p.add_argument("--format", choices=["onnx", "ort", "torchscript"], default="onnx",
+                   help="onnx (default); ort: ONNX Runtime Mobile for native apps; torchscript")
+    p.add_argument("--int8", action="store_true", help="onnx/ort: static int8 quantization")
     p.add_argument("--calibration", help="--int8: a folder of training images to calibrate on")
     p.add_argument("-o", "--output", help="output file (default: beside the checkpoint)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("app", help="build the offline phone app (web page + model); --serve it",
+                       description=cmd_app.__doc__)
+    p.add_argument("checkpoint", help="a checkpoint.pth written by train")
+    p.add_argument("--out", required=True, help="folder to write the app into")
+    p.add_argument("--calibration", help="training photos to calibrate the int8 model on "
+                                         "(default: the training folder the checkpoint records)")
+    p.add_argument("--serve", nargs="?", type=int, const=8000, metavar="PORT",
+                   help="then serve it on http://127.0.0.1:PORT (default port %(const)s)")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("cache", help="size of the caches; --clear deletes them",
                        description=cmd_cache.__doc__)

@@ -1,0 +1,214 @@
+"""The phone app: its JS preprocessing against process_image, the build, the server, .ort."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import tomllib
+import urllib.request
+from fnmatch import fnmatch
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, make_image_folder
+from helpers import checkpoint, cli, model, webapp
+from helpers.predict import process_image
+
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
+needs_npm = pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+
+# Runs preprocess.js on raw pixels: argv = module, pixels file, meta JSON, output file.
+NODE_DRIVER = """
+import fs from "node:fs";
+import { pathToFileURL } from "node:url";
+const [module, pixelsFile, metaJson, outFile] = process.argv.slice(2);
+const { preprocess } = await import(pathToFileURL(module).href);
+const meta = JSON.parse(metaJson);
+const pixels = new Uint8Array(fs.readFileSync(pixelsFile));
+const out = preprocess(pixels, meta.width, meta.height, meta.channels, meta);
+fs.writeFileSync(outFile, Buffer.from(out.buffer));
+"""
+
+
+def js_preprocess(pixels: np.ndarray, meta: dict, tmp_path: Path) -> np.ndarray:
+    """preprocess.js under node on an H x W x C uint8 array: a 3 x S x S float32 array."""
+    driver = tmp_path / "driver.mjs"
+    driver.write_text(NODE_DRIVER)
+    (tmp_path / "pixels.raw").write_bytes(np.ascontiguousarray(pixels).tobytes())
+    h, w, c = pixels.shape
+    meta = {**meta, "width": w, "height": h, "channels": c}
+    subprocess.run([NODE, str(driver), str(webapp.WEBAPP / "preprocess.js"),
+                    str(tmp_path / "pixels.raw"), json.dumps(meta), str(tmp_path / "out.raw")],
+                   check=True, capture_output=True, timeout=60)
+    size = meta["input_size"]
+    return np.fromfile(tmp_path / "out.raw", dtype=np.float32).reshape(3, size, size)
+
+
+@needs_node
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (301, 257), (40, 31), (256, 256),
+                                  (1000, 333)])
+def test_js_preprocessing_is_process_image_exactly(size, interpolation, tmp_path):
+    """PIL's resampling re-done in JS: bit-identical tensors, upscaling and downscaling."""
+    rng = np.random.default_rng(sum(size))
+    w, h = size
+    # Noise (every coefficient matters) beside smooth gradients (rounding matters).
+    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    pixels[: h // 2] = np.linspace(0, 255, w, dtype=np.float32)[None, :, None].astype(np.uint8)
+    meta = {"input_size": 224, "resize_size": 256, "interpolation": interpolation,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    expected = process_image(Image.fromarray(pixels), size=224, resize=256,
+                             mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+                             interpolation=interpolation)
+    # The browser hands over RGBA (getImageData): the alpha channel must be ignored.
+    rgba = np.concatenate([pixels, rng.integers(0, 256, (h, w, 1), dtype=np.uint8)], axis=2)
+    for array in (pixels, rgba):
+        np.testing.assert_array_equal(js_preprocess(array, meta, tmp_path), expected)
+
+
+@needs_node
+def test_js_crop_rounds_halves_like_python(tmp_path):
+    """A long side of 341 - 224 = 117 px to share: Python's round(58.5) is 58, not 59."""
+    pixels = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    meta = {"input_size": 224, "resize_size": 256, "interpolation": "bicubic",
+            "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert int(256 * 500 / 375) - 224 == 117
+    np.testing.assert_array_equal(js_preprocess(pixels, meta, tmp_path),
+                                  process_image(Image.fromarray(pixels)))
+
+
+def test_icons_are_the_drawing_and_package_data_lists_every_file():
+    for size in (192, 512):
+        icon = Image.open(webapp.WEBAPP / "icons" / f"icon-{size}.png")
+        np.testing.assert_array_equal(np.asarray(icon.convert("RGB")),
+                                      np.asarray(webapp.draw_icon(size)))
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["helpers"]
+    shipped = [p.relative_to(webapp.WEBAPP.parent).as_posix()
+               for p in webapp.WEBAPP.rglob("*") if p.is_file()]
+    assert "node_modules" not in " ".join(shipped)
+    assert all(any(fnmatch(name, g) for g in globs) for name in shipped), shipped
+    assert {*webapp.STATIC, "sw.js", "package.json", "package-lock.json"} <= {
+        Path(name).relative_to("webapp").as_posix() for name in shipped}
+    lock = json.loads((webapp.WEBAPP / "package-lock.json").read_text())
+    assert lock["packages"]["node_modules/onnxruntime-web"]["version"] == "1.30.0"
+
+
+def test_serve_sends_isolation_headers_and_mime_types(tmp_path):
+    for name in ("index.html", "a.wasm", "b.mjs", "manifest.webmanifest"):
+        (tmp_path / name).write_text("x")
+    server = webapp.make_server(tmp_path, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/"
+        types = {}
+        for name in ("", "a.wasm", "b.mjs", "manifest.webmanifest"):
+            with urllib.request.urlopen(base + name, timeout=10) as response:
+                assert response.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+                assert response.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+                types[name] = response.headers["Content-Type"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert types["a.wasm"] == "application/wasm" and types["b.mjs"] == "text/javascript"
+    assert types["manifest.webmanifest"] == "application/manifest+json"
+    assert types[""].startswith("text/html")
+
+
+def test_serve_refuses_a_folder_without_the_app(tmp_path):
+    with pytest.raises(webapp.AppError, match=str(tmp_path)):
+        webapp.make_server(tmp_path, port=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A random-weight Lite0 for 3 classes that records its (synthetic) training folder."""
+    folder = make_image_folder(tmp_path_factory.mktemp("app") / "flowers", ["1", "2", "10"],
+                               per_class=3)
+    torch.manual_seed(0)
+    clf = model.build_model("efficientnet_lite0", {"1": 0, "10": 1, "2": 2},
+                            ["pink primrose", "globe thistle", "hard-leaved pocket orchid"],
+                            hidden_units=0, pretrained=False)
+    clf.temperature, clf.unsure_below = 1.5, 0.6
+    path = tmp_path_factory.mktemp("ck") / "checkpoint.pth"
+    return checkpoint.save_checkpoint(clf, path, metrics={"data_dir": str(folder)}), folder
+
+
+def test_precision_follows_the_calibration_photos_at_hand(tiny_ckpt, tmp_path):
+    _, folder = tiny_ckpt
+    recorded = {"metrics": {"data_dir": str(folder)}}
+    assert webapp.calibration_folder(recorded, None) == (
+        folder / "train", f"int8, calibrated on the training folder {folder / 'train'}")
+    assert webapp.calibration_folder({}, folder / "valid")[0] == folder / "valid"
+    none, why = webapp.calibration_folder({"config": {}, "metrics": {}}, None)
+    assert none is None and why.startswith("fp32: the checkpoint does not record")
+    gone, why = webapp.calibration_folder({"metrics": {"data_dir": str(tmp_path)}}, None)
+    assert gone is None and why.startswith("fp32: the training folder") and str(tmp_path) in why
+    with pytest.raises(webapp.AppError, match="no such folder"):
+        webapp.calibration_folder({}, tmp_path / "missing")
+
+
+def test_missing_npm_is_one_clear_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing to run here: no npm
+    assert cli.main(["app", str(tiny_ckpt[0]), "--out", str(tmp_path / "app")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: npm not found: install Node.js") and err.count("\n") == 1
+    assert not (tmp_path / "app").exists()  # it failed before the slow export
+
+
+@needs_npm
+def test_build_app_writes_a_complete_int8_app(tiny_ckpt, tmp_path, capsys):
+    ckpt, folder = tiny_ckpt
+    out = tmp_path / "app"
+    assert cli.main(["app", str(ckpt), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"int8, calibrated on the training folder {folder / 'train'}" in printed
+    for name in [*webapp.STATIC, "sw.js", "model.json", "model.onnx",
+                 *(f"ort/{n}" for n in webapp.ORT_FILES)]:
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["class_names"] == ["pink primrose", "globe thistle", "hard-leaved pocket orchid"]
+    assert meta["class_ids"] == ["1", "10", "2"] and meta["precision"] == "int8"
+    assert (meta["input_size"], meta["resize_size"], meta["interpolation"]) == (224, 256,
+                                                                                "bicubic")
+    assert meta["mean"] == meta["std"] == [0.5] * 3
+    assert (meta["temperature"], meta["unsure_below"]) == (1.5, 0.6)
+    sw = (out / "sw.js").read_text()
+    assert "__VERSION__" not in sw and '"model.onnx"' in sw and '"ort/ort.wasm.min.mjs"' in sw
+    # No CDN: every script and runtime the page loads comes from the app itself.
+    for name in ("index.html", "app.js"):
+        assert "https://" not in (out / name).read_text()
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in _nodes(out / "model.onnx"))
+    x = process_image(folder / "test" / "2" / "img_0.jpg")[None]
+    probs = session.run(None, {"images": x})[0]
+    assert probs.shape == (1, 3) and abs(float(probs.sum()) - 1) < 1e-5
+
+
+def _nodes(path: Path):
+    import onnx
+
+    return onnx.load(path).graph.node
+
+
+@pytest.mark.slow
+def test_ort_export_gives_the_same_top5_as_onnx(tiny_ckpt, tmp_path):
+    ckpt, folder = tiny_ckpt
+    assert cli.main(["export", str(ckpt), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert cli.main(["export", str(ckpt), "--format", "ort", "-o", str(tmp_path / "m.ort")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.ort"]
+    onnx_session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    ort_session = ort.InferenceSession(str(tmp_path / "m.ort"))
+    for image in sorted((folder / "test").rglob("*.jpg")):
+        x = process_image(image)[None]
+        a, b = (s.run(None, {"images": x})[0][0] for s in (onnx_session, ort_session))
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        assert list(np.argsort(-a)) == list(np.argsort(-b))
