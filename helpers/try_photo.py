@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -12,6 +13,9 @@ from .images import open_image, to_rgb
 from .model import Classifier
 from .plots import plot_prediction
 from .predict import predict
+
+if TYPE_CHECKING:  # a notebook dependency, imported where the widget is made
+    import ipywidgets
 
 
 def _show(model: Classifier, image: Image.Image, title: str, output) -> None:
@@ -32,7 +36,7 @@ def _show(model: Classifier, image: Image.Image, title: str, output) -> None:
             print(f"Most likely: {result.names[0]} ({result.probs[0]:.0%}).")
 
 
-def try_your_photo(model: Classifier, dataset, *, choices: int = 30):
+def try_your_photo(model: Classifier, dataset, *, choices: int = 30) -> ipywidgets.VBox:
     """A FileUpload and a Dropdown of test images; either shows the photo and its top-5 chart."""
     import ipywidgets as widgets
 
