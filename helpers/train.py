@@ -181,7 +181,7 @@ def fit(plan: Plan, device: torch.device, *, log: Callable[[str], None] | None =
         for epoch in range(run.at.epoch + 1, phase.epochs + 1):
             epoch_number += 1
             _reseed(phase.batches, seed=plan.seed * 1000 + 100 * index + epoch)
-            trained = _train_epoch(phase, device, run=run, stop=stop, epoch=epoch_number)
+            trained = _train_epoch(phase, device, run=run, stop=stop, epoch=epoch)
             run.at = _Position(index, epoch, 0)
             run.record(phase, epoch_number, trained, log)
             run.save()
@@ -205,7 +205,8 @@ def _train_epoch(phase: Phase, device: torch.device, *, run: _Run, stop: StopFla
     phase.module.train()
     total_loss, correct, seen = 0.0, 0, 0
     skip = run.at.batches
-    batches = progress(phase.batches, desc=f"{phase.name} epoch {epoch}")
+    of = f" {epoch}/{phase.epochs}" if phase.epochs > 1 else ""
+    batches = progress(phase.batches, desc=f"{phase.name}{of}")
     for step, (inputs, labels) in enumerate(batches, 1):
         if step <= skip:
             continue
@@ -226,7 +227,7 @@ def _train_epoch(phase: Phase, device: torch.device, *, run: _Run, stop: StopFla
         if run.dist.agree(stop.requested):  # between batches: nothing half-done is saved
             run.save()
             raise Stopped(f"stopped by {stop.signal_name or 'another process'} after "
-                          f"{step} batches of epoch {epoch}")
+                          f"{step} batches of {phase.name}{of}")
     return {"loss": total_loss / max(seen, 1), "top1": correct / max(seen, 1)}
 
 

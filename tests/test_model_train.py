@@ -136,7 +136,7 @@ def test_stop_flag_ends_at_a_batch_boundary_and_saves(tiny_folder, tmp_path):
         return out
 
     phase.optimizer.step = step_then_signal
-    with pytest.raises(runtime.Stopped, match="after 1 batches of epoch 1"):
+    with pytest.raises(runtime.Stopped, match="after 1 batches of train 1/2"):
         train.fit(plan, torch.device("cpu"), log=None, state_path=tmp_path / "last.pth",
                   stop=stop)
     state = torch.load(tmp_path / "last.pth", weights_only=True)
