@@ -168,3 +168,16 @@ def test_sigterm_to_one_rank_stops_both_and_resuming_gives_the_same_weights(runs
     expected = _last_weights(root / "ddp")
     got = _last_weights(out)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_the_cached_recipe_runs_on_rank_0_and_the_others_leave(runs):
+    root, folder, env, _ = runs
+    out = root / "cached"
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py"), str(folder), "--save_dir", str(out),
+                           "--arch", "test_efficientnet", "--recipe", "cached", "--epochs", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the cached recipe runs on one process" in done.stdout
+    assert done.stdout.count("checkpoint: ") == 1 and (out / "checkpoint.pth").is_file()
