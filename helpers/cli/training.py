@@ -154,7 +154,8 @@ def distributed(gpu: bool) -> Iterator[tuple[Distributed, torch.device]]:
     device = dist.place(device_for(gpu))
     with dist.joined(device), contextlib.ExitStack() as quiet:
         if not dist.is_main:
-            quiet.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))  # noqa: SIM115
+            nowhere = quiet.enter_context(open(os.devnull, "w"))  # noqa: SIM115
+            quiet.enter_context(contextlib.redirect_stdout(nowhere))
             quiet.enter_context(warnings.catch_warnings(action="ignore"))
         yield dist, device
 
