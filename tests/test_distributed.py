@@ -19,6 +19,7 @@ from helpers.model import build_model
 from helpers.runtime import seed_everything
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+pytestmark = pytest.mark.skipif(not TORCHRUN.is_file(), reason=f"no torchrun at {TORCHRUN}")
 # Exact conditions: a frozen backbone (batch norm frozen too), no dropout, no augmentation,
 # and 12 training images = one global batch of 2 x 6, so one process with batch 12 sees the
 # same images in every step. DDP averages the two shards' gradients: the same as one process
