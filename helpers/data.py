@@ -196,13 +196,39 @@ def load_datasets(root: str | os.PathLike, spec: Backbone, splits: tuple[str, ..
     return found
 
 
+def with_transform(dataset: datasets.ImageFolder, transform) -> datasets.ImageFolder:
+    """The same samples under another transform (a copy; the dataset itself is unchanged)."""
+    part = copy.copy(dataset)
+    part.transform, part.transforms = transform, StandardTransform(transform, None)
+    return part
+
+
+def _cuda_loading() -> dict:
+    """DataLoader settings that keep a GPU fed: decoding and augmenting JPEGs (a few ms of
+    CPU per image) is the bottleneck of a small network on a fast GPU, so each process takes
+    its share of the cores, keeps its workers between epochs, copies batches from pinned
+    memory and keeps 4 batches per worker ready."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_process = (cores or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's
+    return {"num_workers": max(1, per_process - 1), "persistent_workers": True,
+            "pin_memory": True, "prefetch_factor": 4}
+
+
 def make_loaders(datasets_: dict[str, datasets.ImageFolder], *, batch_size: int = 64,
                  num_workers: int | None = None, dist: Distributed | None = None,
-                 ) -> dict[str, DataLoader]:
+                 device: torch.device | None = None) -> dict[str, DataLoader]:
     """DataLoaders: train shuffled (by a generator the training loop reseeds every epoch, or
-    sharded by a DistributedSampler across processes), the others in order."""
-    if num_workers is None:
-        num_workers = min(4, max(1, (os.cpu_count() or 1) - 1))
+    sharded by a DistributedSampler across processes), the others in order. For a CUDA
+    `device` they use every core this process has, persistent workers and pinned memory."""
+    if device is not None and device.type == "cuda":
+        settings = _cuda_loading()
+    else:  # the CPU (and MPS) path: training shares the cores with loading
+        settings = {"num_workers": min(4, max(1, (os.cpu_count() or 1) - 1)),
+                    "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
+    if num_workers is not None:
+        settings |= {"num_workers": num_workers}
+        if num_workers == 0:
+            settings |= {"persistent_workers": False, "prefetch_factor": None}
     loaders = {}
     for split, ds in datasets_.items():
         shuffle, sampler = split == "train", None
@@ -214,10 +240,7 @@ def make_loaders(datasets_: dict[str, datasets.ImageFolder], *, batch_size: int 
             shuffle = False
         loaders[split] = DataLoader(
             ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-            num_workers=num_workers, generator=torch.Generator(),
-            worker_init_fn=ignore_stop_signals, persistent_workers=False,
-            pin_memory=torch.cuda.is_available(),
-        )
+            generator=torch.Generator(), worker_init_fn=ignore_stop_signals, **settings)
     return loaders
 
 

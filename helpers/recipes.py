@@ -24,8 +24,8 @@ from torchvision import datasets
 
 from .cache import ActivationCache
 from .calibration import calibrate
-from .config import TrainConfig
-from .data import make_loaders
+from .config import TrainConfig, recipe_for
+from .data import eval_transform, make_loaders, with_transform
 from .inference import logits_of
 from .model import Classifier, build_model
 from .runtime import Distributed, StopFlag, autocast, seed_everything
@@ -68,9 +68,7 @@ def trainable_by_phase(model: Classifier, config: TrainConfig,
 
 def resolve_recipe(config: TrainConfig, device: torch.device) -> str:
     """The recipe to run: 'auto' means full fine-tuning on a GPU, cached activations on a CPU."""
-    if config.recipe != "auto":
-        return config.recipe
-    return "cached" if device.type == "cpu" else "full"
+    return recipe_for(config.recipe, device.type)
 
 
 def _one_cycle(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
@@ -170,8 +168,9 @@ def cached_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config
         phases.append(Phase(name="linear probe", module=model.head, batches=loader,
                             optimizer=probe, scheduler=_one_cycle(probe, len(loader)),
                             loss=loss, mixed_precision=False))
+    augmented = config.views if config.augment else 0
     views = [x_train] + [cache.get(sets["train"], f"aug{v}", seed=config.seed * 1000 + v)
-                         for v in range(1, config.views + 1)]
+                         for v in range(1, augmented + 1)]
     x_all, y_all = torch.cat(views), y_train.repeat(len(views))
     del views
     optimizer = _adamw([(list(cache.tail.parameters()), config.backbone_lr),
@@ -196,15 +195,18 @@ def cached_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config
 def _image_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
                 device: torch.device, *, optimizer: torch.optim.Optimizer,
                 scheduled: bool, dist: Distributed | None = None) -> Plan:
-    """A plan that trains `model` on augmented images with `optimizer` for config.epochs."""
-    loaders = make_loaders({s: sets[s] for s in ("train", "valid") if s in sets},
-                           batch_size=config.batch_size, dist=dist)
+    """A plan that trains `model` on augmented images with `optimizer` for config.epochs
+    (under torchrun each process takes a shard of config.batch_size images per step)."""
+    chosen = {s: sets[s] for s in ("train", "valid") if s in sets}
+    if not config.augment:  # the same input every epoch: runs that can be compared exactly
+        chosen["train"] = with_transform(chosen["train"], eval_transform(model.spec))
+    loaders = make_loaders(chosen, batch_size=config.batch_size, dist=dist, device=device)
     scheduler = (_one_cycle(optimizer, config.epochs * len(loaders["train"])) if scheduled
                  else None)
     loss = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     phase = Phase(name="train", module=model, batches=loaders["train"], optimizer=optimizer,
                   epochs=config.epochs, scheduler=scheduler, loss=loss,
-                  mixed_precision=config.fast)
+                  mixed_precision=config.fast, compiled=config.compile)
 
     def validate() -> dict[str, float]:
         return accuracy(*predict_probs(model, loaders["valid"], device,

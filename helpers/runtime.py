@@ -67,16 +67,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device, *, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed precision where it pays: bf16 (or fp16) on CUDA, bf16 on CPUs with native bf16."""
+def autocast_dtype(device, *, enabled: bool = True) -> torch.dtype | None:
+    """The autocast type where it pays: bf16 on CUDA GPUs that have it (Ampere on), else
+    fp16 (T4, V100: the loop then scales the loss); bf16 on CPUs with native bf16; else None."""
     import torch
 
     if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if enabled and device.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.bfloat16
+    return None
+
+
+def autocast(device, *, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision where it pays (see autocast_dtype); a no-op elsewhere (MPS included)."""
+    import torch
+
+    dtype = autocast_dtype(device, enabled=enabled)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def disk_full_message(folder: str | os.PathLike, *, needed: int = 0) -> str:
@@ -257,22 +267,89 @@ class Distributed:
 
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0  # the process's index on its machine: which GPU it uses
+
+    @classmethod
+    def from_environment(cls) -> Distributed:
+        """The place torchrun's variables give (RANK, WORLD_SIZE, LOCAL_RANK), else rank 0 of 1."""
+        return cls(rank=int(os.environ.get("RANK", 0)),
+                   world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                   local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
     @property
     def is_main(self) -> bool:
-        """True on the process that logs, validates and saves."""
+        """True on the process that logs, calibrates, evaluates and saves."""
         return self.rank == 0
 
-    def agree(self, flag: bool) -> bool:
-        """True when any process says so (a stop asked of one rank stops them all together)."""
+    def place(self, device: torch.device) -> torch.device:
+        """The device this process uses: on CUDA its own GPU (LOCAL_RANK), else `device`."""
+        import torch
+
+        if device.type == "cuda" and self.world_size > 1:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    @contextlib.contextmanager
+    def joined(self, device: torch.device) -> Iterator[Distributed]:
+        """Join torchrun's process group for the block (NCCL on CUDA, else gloo), then leave it.
+
+        Nothing happens for one process.
+        """
         if self.world_size == 1:
-            return flag
+            yield self
+            return
         import torch
         import torch.distributed as dist
 
-        value = torch.tensor([int(flag)], device=_collective_device())
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                rank=self.rank, world_size=self.world_size)
+        try:
+            yield self
+        finally:
+            dist.destroy_process_group()
+
+    @property
+    def backend(self) -> str:
+        """The process group's backend ("nccl", "gloo"), or "" for one process."""
+        if self.world_size == 1:
+            return ""
+        import torch.distributed as dist
+
+        return dist.get_backend()
+
+    def agree(self, flag: bool) -> bool:
+        """True when any process says so (a stop asked of one rank stops them all together)."""
+        return self.total([float(flag)])[0] > 0
+
+    def total(self, values: list[float]) -> list[float]:
+        """Each value summed over the processes (train loss and counts of every shard)."""
+        if self.world_size == 1:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def barrier(self) -> None:
+        """Wait until every process gets here (after rank 0 saved, before the others read)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def share(self, value: T) -> T:
+        """Rank 0's value, on every process (a run id, any picklable value)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def _collective_device():

@@ -4,8 +4,13 @@ A recipe (recipes.py) only builds a `Plan`: the module whose weights are kept, t
 (what trains on which batches, with which optimizer, schedule and loss) and how to
 validate. The loop owns the rest: epochs, the history with named phases, the best epoch,
 progress, the resumable state after every epoch, and a stop flag checked between batches
-(Ctrl-C, SIGTERM) so an interrupted run saves finished batches only. `Distributed` is where
-several processes agree (one per GPU under torchrun).
+(Ctrl-C, SIGTERM) so an interrupted run saves finished batches only.
+
+Under torchrun (`Distributed` with world_size > 1) the loop calls each phase's module through
+DistributedDataParallel, which averages the gradients of the processes' shards in backward:
+N processes of batch b train as one process of batch N x b with the same learning rates, up
+to the order of float sums. Every rank validates the whole valid split (the same figures,
+so every rank keeps the same best epoch without a broadcast); rank 0 alone logs and saves.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .runtime import Distributed, StopFlag, Stopped, atomic_save, autocast, progress
+from .runtime import (
+    Distributed,
+    StopFlag,
+    Stopped,
+    atomic_save,
+    autocast,
+    autocast_dtype,
+    progress,
+)
 
 
 @dataclass
@@ -38,6 +51,7 @@ class Phase:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every batch
     loss: nn.Module = field(default_factory=nn.CrossEntropyLoss)
     mixed_precision: bool = True  # autocast and channels_last where the hardware gains
+    compiled: bool = False  # torch.compile the module (CUDA: minutes of compiling, then faster)
 
 
 @dataclass
@@ -93,9 +107,11 @@ class _Run:
                         "numpy_pos": int(np_state[2])}}
 
     def save(self) -> None:
-        """Write the resumable state (rank 0 only), when the run has a state path."""
+        """Write the resumable state (rank 0 only), when the run has a state path; the other
+        ranks wait until it is written."""
         if self.state_path is not None and self.dist.is_main:
             atomic_save(self.state(), self.state_path)
+        self.dist.barrier()
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a resumable state: position, weights, optimizer, schedule, RNG."""
@@ -176,12 +192,19 @@ def fit(plan: Plan, device: torch.device, *, log: Callable[[str], None] | None =
             phase.module.to(memory_format=torch.channels_last)
         if log and run.dist.is_main:
             trainable = sum(p.numel() for p in phase.module.parameters() if p.requires_grad)
+            per = " per process" if run.dist.world_size > 1 else ""
             log(f"{phase.name}: {trainable:,} parameters train, {phase.epochs} epoch(s) of "
-                f"{len(phase.batches)} batches")
+                f"{len(phase.batches)} batches{per}")
+        module = _runnable(phase, device, run.dist)
+        # fp16 (GPUs without bf16) needs its loss scaled, lest small gradients round to zero
+        fp16 = autocast_dtype(device, enabled=phase.mixed_precision) == torch.float16
+        scaler = torch.amp.GradScaler(device.type) if fp16 else None
         for epoch in range(run.at.epoch + 1, phase.epochs + 1):
             epoch_number += 1
-            _reseed(phase.batches, seed=plan.seed * 1000 + 100 * index + epoch)
-            trained = _train_epoch(phase, device, run=run, stop=stop, epoch=epoch)
+            _reseed(phase.batches, seed=plan.seed * 1000 + 100 * index + epoch,
+                    rank=run.dist.rank)
+            trained = _train_epoch(phase, device, module=module, scaler=scaler, run=run,
+                                   stop=stop, epoch=epoch)
             run.at = _Position(index, epoch, 0)
             run.record(phase, epoch_number, trained, log)
             run.save()
@@ -189,35 +212,59 @@ def fit(plan: Plan, device: torch.device, *, log: Callable[[str], None] | None =
     return run.finish()
 
 
-def _reseed(batches: Iterable, *, seed: int) -> None:
+def _runnable(phase: Phase, device: torch.device, dist: Distributed) -> nn.Module:
+    """What the phase calls on its batches: the module, in DistributedDataParallel under
+    torchrun, compiled when asked. The wrappers share the module's weights and are never
+    saved, so the plan's state dict keeps its plain keys."""
+    module = phase.module
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Built when the phase starts, after a resume loaded the weights; it copies rank 0's
+        # weights to the others, then averages gradients (of trainable parameters) in backward.
+        module = DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
+    if phase.compiled:
+        module = torch.compile(module)
+    return module
+
+
+def _reseed(batches: Iterable, *, seed: int, rank: int = 0) -> None:
     """The order of each epoch depends only on (seed, phase, epoch): a resumed run sees the same."""
     generator = getattr(batches, "generator", None)
-    if generator is not None:
-        generator.manual_seed(seed)
+    if generator is not None:  # its draws also seed the loader's workers: other augmentations
+        generator.manual_seed(seed + (rank << 32))  # per rank, the same for one process
     sampler = getattr(batches, "sampler", None)
     if hasattr(sampler, "set_epoch"):  # a DistributedSampler shuffles by its own seed + epoch
         sampler.set_epoch(seed)
 
 
-def _train_epoch(phase: Phase, device: torch.device, *, run: _Run, stop: StopFlag,
+def _train_epoch(phase: Phase, device: torch.device, *, module: nn.Module,
+                 scaler: torch.amp.GradScaler | None, run: _Run, stop: StopFlag,
                  epoch: int) -> dict[str, float]:
     """One pass over the phase's batches (skipping those a resumed epoch already did)."""
-    phase.module.train()
+    module.train()
     total_loss, correct, seen = 0.0, 0, 0
     skip = run.at.batches
     of = f" {epoch}/{phase.epochs}" if phase.epochs > 1 else ""
-    batches = progress(phase.batches, desc=f"{phase.name}{of}")
+    batches = (progress(phase.batches, desc=f"{phase.name}{of}") if run.dist.is_main
+               else phase.batches)
     for step, (inputs, labels) in enumerate(batches, 1):
         if step <= skip:
             continue
         inputs = _to_device(inputs, device, phase.mixed_precision)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, enabled=phase.mixed_precision):
-            logits = phase.module(inputs).float()
+            logits = module(inputs).float()
         loss = phase.loss(logits, labels)
         phase.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        phase.optimizer.step()
+        if scaler is None:
+            loss.backward()
+            phase.optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(phase.optimizer)
+            scaler.update()
         if phase.scheduler is not None:
             phase.scheduler.step()
         run.at.batches = step
@@ -228,6 +275,7 @@ def _train_epoch(phase: Phase, device: torch.device, *, run: _Run, stop: StopFla
             run.save()
             raise Stopped(f"stopped by {stop.signal_name or 'another process'} after "
                           f"{step} batches of {phase.name}{of}")
+    total_loss, correct, seen = run.dist.total([total_loss, correct, seen])  # every shard's
     return {"loss": total_loss / max(seen, 1), "top1": correct / max(seen, 1)}
 
 

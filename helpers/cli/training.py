@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import tempfile
 import time
 import uuid
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..backbones import BACKBONES
-from ..config import TrainConfig
-from ..runtime import StopFlag, Stopped, UserError, atomic_write_bytes
+from ..config import TrainConfig, recipe_for
+from ..runtime import Distributed, StopFlag, Stopped, UserError, atomic_write_bytes
 from . import Interrupted
 
 if TYPE_CHECKING:
@@ -21,6 +25,7 @@ if TYPE_CHECKING:
 
 DEFAULTS = TrainConfig()
 COURSE = TrainConfig.course()
+FULL = TrainConfig.full()
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
@@ -32,7 +37,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
            help=f"pretrained backbone (default {DEFAULTS.arch}: offline weights)")
     option("recipe", choices=["auto", "cached", "full", "course"],
            help="auto (default): on a CPU fine-tune the last stage on cached activations, on "
-                "a GPU the whole network; course: the course's recipe (frozen backbone, "
+                "a GPU the whole network (full, whose own defaults are "
+                f"{FULL.epochs} epochs of {FULL.batch_size}, backbone lr {FULL.backbone_lr}); "
+                "course: the course's recipe (frozen backbone, "
                 "every augmented image through it every epoch), whose own defaults are "
                 f"{COURSE.epochs} epochs, {COURSE.hidden_units} hidden units, Adam "
                 f"{COURSE.learning_rate}")
@@ -49,13 +56,24 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     option("epochs", type=int,
            help=f"epochs over all views of the training images, after a linear probe "
                 f"(default {DEFAULTS.epochs})")
-    option("batch_size", type=int, help=f"samples per step (default {DEFAULTS.batch_size})")
+    option("batch_size", type=int,
+           help=f"samples per step and process (default {DEFAULTS.batch_size}); under "
+                "torchrun with N processes a step takes N x that, and learning rates are not "
+                "scaled: N processes of batch b train as one process of batch N x b")
     option("seed", type=int,
            help=f"random seed of weights, views and order (default {DEFAULTS.seed})")
     p.add_argument("--fp32", action="store_true",
                    help="plain fp32, default memory format (default: bf16/fp16 autocast and "
                         "channels_last where the hardware has them)")
-    p.add_argument("--gpu", action="store_true", help="use the GPU (CUDA or Apple MPS)")
+    p.add_argument("--no_augment", dest="augment", action="store_false",
+                   default=argparse.SUPPRESS,
+                   help="train on the evaluation transform (no random crops, flips or views)")
+    p.add_argument("--compile", action="store_true", default=argparse.SUPPRESS,
+                   help="torch.compile the trained network (minutes to compile; pays on long "
+                        "GPU runs)")
+    p.add_argument("--gpu", action="store_true",
+                   help="use the GPU (CUDA or Apple MPS); under torchrun each process uses "
+                        "the GPU of its LOCAL_RANK")
     p.add_argument("--names", "--category_names", dest="names",
                    help="JSON file of class folder -> name (default: DATA/cat_to_name.json, "
                         "else the flower names for the 102 flower folders, else the folder "
@@ -71,13 +89,14 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "final model on train+valid with those choices and save it")
 
 
-def config_from(args: argparse.Namespace) -> TrainConfig:
+def config_from(args: argparse.Namespace, *, device_type: str = "cpu") -> TrainConfig:
     """A TrainConfig of the recipe's defaults and every option the user typed (those win)."""
     typed = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__
              if hasattr(args, name)}
     if args.fp32:
         typed["fast"] = False
-    base = TrainConfig.course if typed.get("recipe") == "course" else TrainConfig
+    recipe = recipe_for(typed.get("recipe", "auto"), device_type)
+    base = {"course": TrainConfig.course, "full": TrainConfig.full}.get(recipe, TrainConfig)
     return base(**typed)
 
 
@@ -127,15 +146,32 @@ def device_for(gpu: bool) -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def distributed(gpu: bool) -> Iterator[tuple[Distributed, torch.device]]:
+    """This process's place and device; under torchrun (WORLD_SIZE > 1) in the process group
+    for the block, with only rank 0's lines printed (errors are printed by every rank)."""
+    dist = Distributed.from_environment()
+    device = dist.place(device_for(gpu))
+    with dist.joined(device), contextlib.ExitStack() as quiet:
+        if not dist.is_main:
+            nowhere = quiet.enter_context(open(os.devnull, "w"))  # noqa: SIM115
+            quiet.enter_context(contextlib.redirect_stdout(nowhere))
+            quiet.enter_context(warnings.catch_warnings(action="ignore"))
+        yield dist, device
+
+
 def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, device,
-                  again: str) -> dict:
+                  again: str, dist: Distributed | None = None) -> dict | None:
     """Load the data, train, calibrate on valid, report valid/test, save the checkpoint.
 
     `again` is the command line that resumes this run (shown when it is interrupted). With
     --final a second model trains on train+valid with the first run's choices and is saved.
+    Under torchrun (`dist`) every rank trains; rank 0 alone reports and saves, and the others
+    return None.
     """
+    dist = dist or Distributed()
     check_writable(out, "--save_dir" if "train" in again else "--out")
-    config = config_from(args)
+    config = config_from(args, device_type=device.type)
     check_config(config)
     from .. import checkpoint, model, recipes, splits
 
@@ -156,17 +192,31 @@ def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, devic
         raise UserError(f"{data_root}: no valid/ folder and --valid_fraction 0; training "
                         "needs validation images to choose the epoch and calibrate")
     clf = recipes.new_model(sets, config, names=found.names)
-    print(f"model {config.arch} on {device}, recipe {recipes.resolve_recipe(config, device)}")
-    run_id = resume["identity"]["run_id"] if resume else uuid.uuid4().hex
+    recipe = recipes.resolve_recipe(config, device)
+    print(f"model {config.arch} on {device}, recipe {recipe}")
+    if dist.world_size > 1 and recipe == "cached":
+        print(f"distributed: the cached recipe runs on one process; rank 0 trains, the other "
+              f"{dist.world_size - 1} process(es) leave now (use --recipe full or course to "
+              "train on every process)")
+        if not dist.is_main:
+            return None
+        dist = Distributed()
+    elif dist.world_size > 1:
+        print(f"distributed: world size {dist.world_size}, backend {dist.backend}; a step "
+              f"takes {dist.world_size} x {config.batch_size} = "
+              f"{dist.world_size * config.batch_size} images, learning rates as given")
+    run_id = resume["identity"]["run_id"] if resume else dist.share(uuid.uuid4().hex)
     state = out / "last.pth"
     trained = _run(clf, sets, config, device, state=state, resume=resume, again=again,
-                   identity=identity | {"run_id": run_id})
-    metrics = _report(clf, sets, trained)
+                   identity=identity | {"run_id": run_id}, dist=dist)
+    metrics = _report(clf, sets, trained) if dist.is_main else {}
     metrics |= {"data_dir": str(found.root), "held_out": found.held_out,
                 "timings": trained.timings}
     if args.final:
         clf, metrics = _final(clf, found, config, device, out=out, first=metrics,
-                              history=trained.history)
+                              history=trained.history, dist=dist)
+    if not dist.is_main:
+        return None
     metrics["seconds"] = time.perf_counter() - start
     from ..inference import save_model
 
@@ -178,7 +228,7 @@ def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, devic
 
 
 def _run(clf, sets: dict, config: TrainConfig, device, *, state: Path | None, resume: dict | None,
-         again: str, identity: dict):
+         again: str, identity: dict, dist: Distributed):
     """recipes.run_recipe under a stop flag: Ctrl-C or SIGTERM saves and says how to resume."""
     from .. import checkpoint, recipes
 
@@ -186,7 +236,7 @@ def _run(clf, sets: dict, config: TrainConfig, device, *, state: Path | None, re
     try:
         with stop.watch():
             return recipes.run_recipe(clf, sets, config, device, state_path=state,
-                                      resume=resume, stop=stop, identity=identity)
+                                      resume=resume, stop=stop, identity=identity, dist=dist)
     except Stopped as err:
         if state is not None and checkpoint.resume_belongs(state, identity["run_id"]):
             raise Interrupted(f"{err}; resume with: {again} --resume {state}") from None
@@ -211,7 +261,7 @@ def _report(clf, sets: dict, trained) -> dict:
 
 
 def _final(first_model, found, config: TrainConfig, device, *, out: Path, first: dict,
-           history: list[dict]) -> tuple:
+           history: list[dict], dist: Distributed) -> tuple:
     """A final model trained on train+valid with the first run's choices (epochs, temperature,
     unsure threshold); its test figures checked, and which run gave which figure recorded."""
     from .. import recipes
@@ -226,13 +276,13 @@ def _final(first_model, found, config: TrainConfig, device, *, out: Path, first:
           "as chosen on valid; temperature and threshold from the first run")
     final = recipes.new_model(sets, final_config, names=list(first_model.class_names))
     _run(final, sets, final_config, device, state=None, resume=None, again="",
-         identity={"run_id": uuid.uuid4().hex, "final": True})
+         identity={"run_id": uuid.uuid4().hex, "final": True}, dist=dist)
     final.temperature, final.unsure_below = first_model.temperature, first_model.unsure_below
     metrics = {"first_run": {k: first[k] for k in ("valid", "test", "calibration") if k in first},
                "final": {"trained_on": "train+valid", "epochs": final_config.epochs,
                          "temperature_from": "first run (fitted on valid for the first model)"}}
     metrics |= {k: v for k, v in first.items() if k not in ("valid", "test", "calibration")}
-    if "test" in found.sets:
+    if "test" in found.sets and dist.is_main:
         m = evaluate_model(final, found.sets["test"].samples)
         logits, labels, _ = logits_of(final, found.sets["test"].samples)
         from ..engine import softmax
@@ -246,10 +296,15 @@ def _final(first_model, found, config: TrainConfig, device, *, out: Path, first:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train on DATA_DIR (train/ and valid/, test/ if present) and save DIR/checkpoint.pth."""
-    train_command(args, data_root=Path(args.data_dir), out=Path(args.save_dir),
-                  device=device_for(args.gpu),
-                  again=f"python train.py {args.data_dir} --save_dir {args.save_dir}")
+    """Train on DATA_DIR (train/ and valid/, test/ if present) and save DIR/checkpoint.pth.
+
+    Under torchrun (`torchrun --nproc_per_node=N train.py DATA ...`) N processes train the
+    full or course recipe with DistributedDataParallel; see docs/gpu.md.
+    """
+    with distributed(args.gpu) as (dist, device):
+        train_command(args, data_root=Path(args.data_dir), out=Path(args.save_dir),
+                      device=device, dist=dist,
+                      again=f"python train.py {args.data_dir} --save_dir {args.save_dir}")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
@@ -258,6 +313,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     from ..images import open_image
     from ..runtime import get_device
 
+    if Distributed.from_environment().world_size > 1:
+        raise UserError("pipeline runs on one process; under torchrun run train.py DATA_DIR")
     device = device_for(True) if args.gpu else get_device()
     root = download.ensure_data(args.data_dir, source=args.source)
     out = Path(args.out)

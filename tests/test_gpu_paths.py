@@ -1,0 +1,76 @@
+"""The GPU's code paths that a CPU can check: fp16 loss scaling, CUDA loader settings, each
+process's device under torchrun, and the GPU recipe's own defaults."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from helpers import data, model, recipes, runtime, train
+from helpers.cli import build_parser
+from helpers.cli.training import config_from
+from helpers.config import TrainConfig, recipe_for
+
+
+def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
+    """Where a GPU has fp16 but no bf16 (T4, V100) the loop steps through a GradScaler."""
+    def fp16(device, *, enabled=True):
+        return torch.float16 if enabled else None
+
+    def cpu_fp16(device, *, enabled=True):
+        return torch.autocast("cpu", dtype=torch.float16) if enabled else contextlib.nullcontext()
+
+    monkeypatch.setattr(train, "autocast_dtype", fp16)
+    monkeypatch.setattr(train, "autocast", cpu_fp16)
+    updates = []
+    original = torch.amp.GradScaler.update
+    monkeypatch.setattr(torch.amp.GradScaler, "update",
+                        lambda self, *a: updates.append(1) or original(self, *a))
+    config = TrainConfig.course(arch="test_efficientnet", epochs=2, batch_size=12,
+                                hidden_units=8, fast=True)
+    sets = data.load_datasets(tiny_folder, model.get_backbone(config.arch), ("train", "valid"))
+    plan = recipes.course_plan(recipes.new_model(sets, config), sets, config,
+                               torch.device("cpu"))
+    history = train.fit(plan, torch.device("cpu"), log=None)
+    assert len(updates) == 2 * 3 and all(torch.isfinite(torch.tensor(r["train_loss"]))
+                                         for r in history)
+
+
+def test_loaders_keep_a_cuda_gpu_fed_and_leave_the_cpu_path_alone(tiny_folder):
+    sets = data.load_datasets(tiny_folder, model.get_backbone("test_efficientnet"),
+                              ("train", "valid"))
+    gpu = data.make_loaders(sets, batch_size=4, device=torch.device("cuda"))["train"]
+    assert gpu.num_workers >= 1 and gpu.persistent_workers and gpu.pin_memory
+    assert gpu.prefetch_factor == 4
+    cpu = data.make_loaders(sets, batch_size=4, device=torch.device("cpu"))["train"]
+    before = data.make_loaders(sets, batch_size=4)["train"]
+    for loader in (cpu, before):
+        assert not loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
+        assert loader.num_workers == min(4, max(1, (os.cpu_count() or 1) - 1))
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dist = runtime.Distributed.from_environment()
+    assert (dist.rank, dist.world_size, dist.local_rank, dist.is_main) == (3, 4, 1, False)
+    assert dist.place(torch.device("cuda")) == torch.device("cuda", 1)
+    assert dist.place(torch.device("mps")) == torch.device("mps")
+    assert dist.place(torch.device("cpu")) == torch.device("cpu")
+    alone = runtime.Distributed()
+    assert alone.place(torch.device("cuda")) == torch.device("cuda")
+    assert alone.agree(True) and alone.total([1.0, 2.0]) == [1.0, 2.0]
+    assert alone.share("run") == "run"
+
+
+def test_auto_on_a_gpu_is_the_full_recipe_with_its_own_defaults():
+    assert recipe_for("auto", "cuda") == recipe_for("auto", "mps") == "full"
+    assert recipe_for("auto", "cpu") == "cached" and recipe_for("course", "cuda") == "course"
+    args = build_parser().parse_args(["train", "d", "--gpu", "--epochs", "3"])
+    assert config_from(args, device_type="cuda") == TrainConfig.full(epochs=3)
+    assert config_from(args) == TrainConfig(epochs=3)  # the CPU's default recipe
+    no_aug = build_parser().parse_args(["train", "d", "--no_augment"])
+    assert config_from(no_aug).augment is False and TrainConfig().augment is True
