@@ -182,6 +182,10 @@ class ActivationCache:
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None  # made when first needed
         self.seconds, self.images = 0.0, 0  # time spent computing activations, and for how many
 
+    def release(self) -> None:
+        """Free the trunk's runner (an ONNX Runtime session and its memory arena)."""
+        self._run = None
+
     def key(self, dataset: datasets.ImageFolder, view: str, seed: int) -> str:
         """A digest of all the activations depend on: weights, engine, transform, the files."""
         facts = {"version": CACHE_VERSION, "arch": self.spec.name, "tail": self.tail_stages,

@@ -169,10 +169,16 @@ def cached_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config
                             optimizer=probe, scheduler=_one_cycle(probe, len(loader)),
                             loss=loss, mixed_precision=False))
     augmented = config.views if config.augment else 0
-    views = [x_train] + [cache.get(sets["train"], f"aug{v}", seed=config.seed * 1000 + v)
-                         for v in range(1, augmented + 1)]
-    x_all, y_all = torch.cat(views), y_train.repeat(len(views))
-    del views
+    # One tensor of every view, filled a view at a time: never two copies of the views.
+    n = len(x_train)
+    x_all = torch.empty((n * (1 + augmented), *x_train.shape[1:]), dtype=x_train.dtype,
+                        memory_format=torch.channels_last)
+    x_all[:n] = x_train
+    for v in range(1, augmented + 1):
+        x_all[v * n:(v + 1) * n] = cache.get(sets["train"], f"aug{v}",
+                                             seed=config.seed * 1000 + v)
+    y_all = y_train.repeat(1 + augmented)
+    cache.release()  # the trunk's ONNX Runtime session and its memory: extraction is done
     optimizer = _adamw([(list(cache.tail.parameters()), config.backbone_lr),
                         (list(model.head.parameters()), config.learning_rate)],
                        config.weight_decay)
