@@ -10,8 +10,10 @@ made from, so a stale engine beside a newer checkpoint is never used.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,16 +118,23 @@ class Engine:
             except ImageError as err:
                 return err
 
-        paths = [Path(p) for p in paths]
+        paths = iter(Path(p) for p in paths)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            prepared = pool.map(prepare, paths)
-            for start in range(0, len(paths), batch_size):
-                chunk = [next(prepared) for _ in paths[start:start + batch_size]]
-                good = [i for i, x in enumerate(chunk) if not isinstance(x, ImageError)]
-                scores = self.logits(np.stack([chunk[i] for i in good])) if good else []
-                by_index = dict(zip(good, scores, strict=True))
-                for i, item in enumerate(chunk):
-                    yield paths[start + i], by_index.get(i, item)
+            # at most two batches prepared ahead: memory stays flat on folders of any size
+            pending = deque((p, pool.submit(prepare, p))
+                            for p in itertools.islice(paths, 2 * batch_size))
+            while pending:
+                chunk = []
+                while pending and len(chunk) < batch_size:
+                    path, future = pending.popleft()
+                    chunk.append((path, future.result()))
+                    following = next(paths, None)
+                    if following is not None:
+                        pending.append((following, pool.submit(prepare, following)))
+                good = [x for _, x in chunk if not isinstance(x, ImageError)]
+                scores = iter(self.logits(np.stack(good)) if good else [])
+                for path, x in chunk:
+                    yield path, x if isinstance(x, ImageError) else next(scores)
 
 
 def open_engine(checkpoint: str | os.PathLike) -> Engine | None:

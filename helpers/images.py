@@ -118,8 +118,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file (first frame if animated) as upright RGB; ImageError names a bad file."""
+def open_image(path: str | os.PathLike, *, at_least: int | None = None) -> Image.Image:
+    """Read an image file (first frame if animated) as upright RGB; ImageError names a bad file.
+
+    With `at_least`, a large JPEG is decoded at the largest 1/2, 1/4 or 1/8 scale that keeps
+    both sides at least that many pixels (a 12-megapixel photo 8x faster, before the resize).
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such image file; check the path")
@@ -129,6 +133,8 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.seek(0)
+                if at_least and image.format == "JPEG":
+                    image.draft("RGB", (at_least, at_least))
                 image.load()
                 return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -171,7 +177,8 @@ def process_image(image: str | os.PathLike | Image.Image, *, size: int = 224, re
                   std: tuple[float, ...] = (0.5, 0.5, 0.5),
                   interpolation: str = "bicubic") -> np.ndarray:
     """Resize the shorter side, centre-crop, scale to 0..1 and normalise: a 3 x H x W float32."""
-    image = to_rgb(image) if isinstance(image, Image.Image) else open_image(image)
+    image = (to_rgb(image) if isinstance(image, Image.Image)
+             else open_image(image, at_least=resize))
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(resize * long / short)  # the same rounding as torchvision's Resize
