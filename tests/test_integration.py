@@ -67,3 +67,28 @@ def test_ten_real_flower_classes_beat_80_percent(real_data, tmp_path):
     path = checkpoint.save_checkpoint(clf, tmp_path / "ten.pth", config=config)
     reloaded, _ = checkpoint.load_checkpoint(path)
     assert evaluate.evaluate_model(reloaded, found.sets["valid"].samples)["top1"] == result["top1"]
+
+
+@pytest.mark.slow
+def test_final_model_on_all_labels_from_a_plain_folder(tmp_path, capsys):
+    """A plain folder of class folders: valid and test carved out, then --final trains on
+    train+valid with the first run's epochs, temperature and threshold."""
+    plain = tmp_path / "photos"
+    made = make_image_folder(tmp_path / "made", ["rose", "tulip", "daisy"], per_class=10,
+                             splits=("train",))
+    (made / "train").rename(plain)
+    out = tmp_path / "out"
+    status = cli.main(["train", str(plain), "--save_dir", str(out), "--epochs", "2",
+                       "--batch_size", "6", "--arch", "test_efficientnet", "--final"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "no valid/ folder:" in printed and "no test/ folder:" in printed
+    assert "final model: train+valid" in printed and "final test: top-1" in printed
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    metrics = ckpt["metrics"]
+    assert ckpt["class_names"] == ["daisy", "rose", "tulip"]  # the folders' own names
+    assert metrics["final"]["trained_on"] == "train+valid"
+    assert ckpt["temperature"] == metrics["first_run"]["calibration"]["temperature"]
+    held = metrics["held_out"]
+    assert held["valid"] and held["test"] and not set(held["valid"]) & set(held["test"])
+    assert 0.0 <= metrics["final"]["test"]["ece"] <= 1.0
