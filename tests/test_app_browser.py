@@ -183,9 +183,10 @@ def test_app_names_real_photos_like_python(app):
             for n, photo in enumerate(photos, 1):
                 shown = _upload(page, photo, n)
                 seen = np.asarray(page.evaluate("Array.from(window.__lastInput)"), np.float32)
-                expected = process_image(photo, meta["input_size"], meta["resize_size"],
-                                         tuple(meta["mean"]), tuple(meta["std"]),
-                                         meta["interpolation"])
+                expected = process_image(photo, size=meta["input_size"],
+                                         resize=meta["resize_size"], mean=tuple(meta["mean"]),
+                                         std=tuple(meta["std"]),
+                                         interpolation=meta["interpolation"])
                 diff = np.abs(seen.reshape(expected.shape) - expected)
                 python = session.run(None, {"images": expected[None]})[0][0]
                 rows.append({"photo": photo.name, "max_diff": float(diff.max()),
@@ -265,9 +266,10 @@ def test_app_reads_phone_photos_upright(app, tmp_path):
             for n, path in enumerate((rotated, clear), 1):
                 _upload(page, path, n)
                 seen = np.asarray(page.evaluate("Array.from(window.__lastInput)"), np.float32)
-                expected = process_image(path, meta["input_size"], meta["resize_size"],
-                                         tuple(meta["mean"]), tuple(meta["std"]),
-                                         meta["interpolation"])
+                expected = process_image(path, size=meta["input_size"],
+                                         resize=meta["resize_size"], mean=tuple(meta["mean"]),
+                                         std=tuple(meta["std"]),
+                                         interpolation=meta["interpolation"])
                 diff = np.abs(seen.reshape(expected.shape) - expected)
                 assert diff.max() <= INPUT_MAX and diff.mean() <= INPUT_MEAN, path.name
         finally:
