@@ -238,8 +238,15 @@ def progress(items: Iterable[T], *, desc: str, total: int | None = None,
     if in_notebook() or sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        yield from tqdm(items, desc=desc, total=total, unit=unit, leave=False,
-                        dynamic_ncols=True)
+        # The bar is told of each item; it never holds the iterator (a data loader's
+        # iterator left alive would be inherited by the next loader's forked workers).
+        bar = tqdm(desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
+        try:
+            for item in items:
+                yield item
+                bar.update()
+        finally:
+            bar.close()
         return
     start = last = time.perf_counter()
     done = 0
