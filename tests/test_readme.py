@@ -64,6 +64,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return {"data": data, "ckpt": ckpt, "out": root / "build" / "main"}
 
 
+@pytest.mark.slow  # each line is a process of its own
 @pytest.mark.parametrize("line", [ln for ln in command_lines() if not any(w in ln for w in LONG)])
 def test_each_command_line_runs_as_written(line, tiny, tmp_path):
     line = (line.replace(".venv/bin/python", shlex.quote(sys.executable))
