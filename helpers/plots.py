@@ -51,8 +51,8 @@ def plot_history(history: Sequence[dict[str, Any]]) -> Figure:
     """Loss and accuracy per epoch, training and validation side by side: the linear probe
     (if any) named as such, whole epochs on the x-axis, the epoch kept marked."""
     epochs = [row["epoch"] for row in history]
-    labels = [("probe" if row.get("phase") == "linear probe" else str(row["epoch"]))
-              for row in history]
+    labels = [("probe" if row.get("phase") == "linear probe"
+               else str(row.get("phase_epoch", row["epoch"]))) for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, metric, title in ((ax_loss, "loss", "Loss"), (ax_acc, "top1", "Accuracy")):
         ax.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
