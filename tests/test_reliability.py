@@ -231,6 +231,7 @@ while True:
 """
 
 
+@pytest.mark.slow  # a process of its own
 def test_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     target = tmp_path / "model.pth"
     checkpoint.atomic_save({"weights": torch.zeros(3)}, target)
@@ -272,6 +273,7 @@ def _in_a_small_tmpfs(tmp_path, command: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow  # a process of its own
 def test_a_full_disk_keeps_the_previous_file_and_leaves_no_temporary_file(tmp_path):
     done = _in_a_small_tmpfs(
         tmp_path, f"{sys.executable} -c '{FILL_THE_DISK}' {tmp_path / 'disk'} && ls -A "

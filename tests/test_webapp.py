@@ -164,6 +164,7 @@ def test_missing_npm_is_one_clear_line(tiny_ckpt, tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "app").exists()  # it failed before the slow export
 
 
+@pytest.mark.slow  # a process of its own
 @needs_npm
 def test_build_app_writes_a_complete_int8_app(tiny_ckpt, tmp_path, capsys):
     ckpt, folder = tiny_ckpt
