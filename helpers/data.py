@@ -107,7 +107,7 @@ class PhotoFolder(datasets.ImageFolder):
                                     "there")
         return classes, {name: i for i, name in enumerate(classes)}
 
-    def make_dataset(self, directory: str | os.PathLike, class_to_idx: dict[str, int],
+    def make_dataset(self, directory: str | os.PathLike, class_to_idx: dict[str, int], *,
                      extensions=None, is_valid_file=None,
                      allow_empty: bool = False) -> list[tuple[str, int]]:
         """(path, class index) of every image; FileNotFoundError names the empty class folders."""

@@ -51,6 +51,13 @@ INPUT_MEAN = 0.1 / 255 / 0.5
 PROB_ATOL = 0.03
 
 
+def _expected(path: Path, meta: dict) -> np.ndarray:
+    """process_image of a photo with the app's own sizes and normalisation."""
+    return process_image(path, size=meta["input_size"], resize=meta["resize_size"],
+                         mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+                         interpolation=meta["interpolation"])
+
+
 def train_small_checkpoint(data: Path, out: Path, *, classes: int = CLASSES) -> Path:
     """A real trained checkpoint: the course recipe (frozen backbone, fp32), 2 epochs, on the
     first `classes` classes; it records its training folder (the int8 calibration photos)."""
@@ -183,10 +190,7 @@ def test_app_names_real_photos_like_python(app):
             for n, photo in enumerate(photos, 1):
                 shown = _upload(page, photo, n)
                 seen = np.asarray(page.evaluate("Array.from(window.__lastInput)"), np.float32)
-                expected = process_image(photo, size=meta["input_size"],
-                                         resize=meta["resize_size"], mean=tuple(meta["mean"]),
-                                         std=tuple(meta["std"]),
-                                         interpolation=meta["interpolation"])
+                expected = _expected(photo, meta)
                 diff = np.abs(seen.reshape(expected.shape) - expected)
                 python = session.run(None, {"images": expected[None]})[0][0]
                 rows.append({"photo": photo.name, "max_diff": float(diff.max()),
@@ -266,10 +270,7 @@ def test_app_reads_phone_photos_upright(app, tmp_path):
             for n, path in enumerate((rotated, clear), 1):
                 _upload(page, path, n)
                 seen = np.asarray(page.evaluate("Array.from(window.__lastInput)"), np.float32)
-                expected = process_image(path, size=meta["input_size"],
-                                         resize=meta["resize_size"], mean=tuple(meta["mean"]),
-                                         std=tuple(meta["std"]),
-                                         interpolation=meta["interpolation"])
+                expected = _expected(path, meta)
                 diff = np.abs(seen.reshape(expected.shape) - expected)
                 assert diff.max() <= INPUT_MAX and diff.mean() <= INPUT_MEAN, path.name
         finally:
