@@ -59,12 +59,10 @@ def run_one(recipe: str, seed: int, data_root: Path, quick: bool, *, final: bool
     if final:
         tic = time.perf_counter()
         final_config = recipes.final_config(config, trained.history)
-        merged = found.sets["train"].subset(found.sets["train"].samples
-                                            + found.sets["valid"].samples,
-                                            found.sets["train"].transform)
+        merged = recipes.all_labelled(found.sets)
         temperature, unsure = clf.temperature, clf.unsure_below
-        clf = recipes.new_model({"train": merged}, final_config, names=found.names)
-        recipes.run_recipe(clf, {"train": merged}, final_config, device, log=None)
+        clf = recipes.new_model(merged, final_config, names=found.names)
+        recipes.run_recipe(clf, merged, final_config, device, log=None)
         clf.temperature, clf.unsure_below = temperature, unsure
         result["test"] = evaluate.evaluate_model(clf, found.sets["test"].samples)
         phases["final"] = time.perf_counter() - tic

@@ -84,7 +84,7 @@ def view_transform(spec: Backbone, view: str) -> transforms.Compose:
     return train_transform(spec)
 
 
-def _weights_digest(module: nn.Module) -> hashlib._Hash:
+def weights_digest(module: nn.Module) -> hashlib._Hash:
     """A running sha256 over a module's parameter names and bytes."""
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
@@ -130,7 +130,7 @@ def onnx_runner(trunk: nn.Module, input_size: int) -> Callable[[torch.Tensor], t
     """The trunk exported once to ONNX (cached) and run by ONNX Runtime: fp32, 2.5x torch bf16."""
     import onnxruntime as ort
 
-    path = cache_dir() / "onnx" / f"trunk-{_weights_digest(trunk).hexdigest()[:24]}.onnx"
+    path = cache_dir() / "onnx" / f"trunk-{weights_digest(trunk).hexdigest()[:24]}.onnx"
     if not is_intact(path):
         example = torch.zeros(2, 3, input_size, input_size)
         seal(atomic_write_bytes(onnx_bytes(trunk, example, output="activations"), path))
@@ -178,7 +178,7 @@ class ActivationCache:
         self.spec, self.tail_stages, self.device = spec, tail_stages, device
         self.engine, self.stop = engine, stop
         self.trunk, self.tail = split_backbone(backbone, tail_stages)
-        self._digest = _weights_digest(self.trunk).hexdigest()
+        self._digest = weights_digest(self.trunk).hexdigest()
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None  # made when first needed
         self.seconds, self.images = 0.0, 0  # time spent computing activations, and for how many
 

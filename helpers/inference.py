@@ -8,7 +8,6 @@ reported figure of a trained model comes through here, so all agree on every ima
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import is_intact, seal
+from .cache import is_intact, seal, weights_digest
 from .checkpoint import save_checkpoint
 from .data import cache_dir
 from .engine import Engine, engine_path
@@ -28,18 +27,16 @@ from .runtime import file_sha256
 _LOADED: dict[str, Engine] = {}  # engines by weights digest, so a session is made once
 
 
-def weights_digest(model: Classifier) -> str:
+def engine_key(model: Classifier) -> str:
     """A sha256 of what the engine depends on: architecture, labels and every weight."""
-    h = hashlib.sha256(f"{model.spec.name}\0{model.class_names}\0{model.class_to_idx}".encode())
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    h = weights_digest(model)
+    h.update(f"{model.spec.name}\0{model.class_names}\0{model.class_to_idx}".encode())
     return h.hexdigest()
 
 
 def engine_for(model: Classifier) -> Engine:
     """The engine of a model in memory, exported once per weights (cached on disk)."""
-    digest = weights_digest(model)
+    digest = engine_key(model)
     engine = _LOADED.get(digest)
     if engine is None:
         path = cache_dir() / "engines" / f"{model.spec.name}-{digest[:24]}.onnx"
@@ -55,12 +52,12 @@ def write_engine(model: Classifier, checkpoint: str | os.PathLike) -> Path:
     """The engine beside a saved checkpoint, stamped with the checkpoint's sha256."""
     import onnx
 
-    source = engine_for(model).path
-    values = {p.key: p.value for p in onnx.load(source).metadata_props}
+    proto = onnx.load(engine_for(model).path)
+    values = {p.key: p.value for p in proto.metadata_props}
     values |= {"temperature": repr(float(model.temperature)),
                "unsure_below": repr(float(model.unsure_below)),
                "checkpoint_sha256": file_sha256(checkpoint)}
-    return save_with_metadata(onnx.load(source), engine_path(checkpoint), values)
+    return save_with_metadata(proto, engine_path(checkpoint), values)
 
 
 def save_model(model: Classifier, path: str | os.PathLike, *, config: Any = None,

@@ -13,6 +13,7 @@ from matplotlib.axes import Axes
 from PIL import Image
 
 from .engine import Engine, Prediction
+from .export import preprocess_for
 from .images import process_image
 from .inference import engine_for
 from .model import Classifier
@@ -22,11 +23,7 @@ __all__ = ["Prediction", "imshow", "predict", "process_for", "process_image", "v
 
 def process_for(model: Classifier | Engine, image: str | os.PathLike | Image.Image) -> np.ndarray:
     """process_image with the model's own input size, resize and normalisation."""
-    if isinstance(model, Engine):
-        return model.preprocess(image)
-    spec = model.spec
-    return process_image(image, size=spec.input_size, resize=spec.resize_size, mean=spec.mean,
-                         std=spec.std, interpolation=spec.interpolation)
+    return model.preprocess(image) if isinstance(model, Engine) else preprocess_for(model, image)
 
 
 def view_for(model: Classifier | Engine, image: str | os.PathLike | Image.Image) -> np.ndarray:

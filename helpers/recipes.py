@@ -41,6 +41,12 @@ def final_config(config: TrainConfig, history: list[dict[str, Any]]) -> TrainCon
     return dataclasses.replace(config, epochs=epochs)
 
 
+def all_labelled(sets: dict[str, datasets.ImageFolder]) -> dict[str, datasets.ImageFolder]:
+    """The training set of a final model: train and valid images, with train's transform."""
+    train = sets["train"]
+    return {"train": train.subset(train.samples + sets["valid"].samples, train.transform)}
+
+
 def new_model(sets: dict[str, datasets.ImageFolder], config: TrainConfig, *,
               names: list[str] | None = None) -> Classifier:
     """A seeded new classifier for the classes of the training set."""

@@ -265,14 +265,12 @@ def _final(first_model, found, config: TrainConfig, device, *, out: Path, first:
     """A final model trained on train+valid with the first run's choices (epochs, temperature,
     unsure threshold); its test figures checked, and which run gave which figure recorded."""
     from .. import recipes
-    from ..evaluate import evaluate_model, expected_calibration_error
+    from ..evaluate import expected_calibration_error, topk_accuracy
     from ..inference import logits_of
 
     final_config = recipes.final_config(config, history)
-    merged = found.sets["train"].subset(found.sets["train"].samples + found.sets["valid"].samples,
-                                        found.sets["train"].transform)
-    sets = {"train": merged}
-    print(f"final model: train+valid ({len(merged)} images), {final_config.epochs} epoch(s) "
+    sets = recipes.all_labelled(found.sets)
+    print(f"final model: train+valid ({len(sets['train'])} images), {final_config.epochs} epoch(s) "
           "as chosen on valid; temperature and threshold from the first run")
     final = recipes.new_model(sets, final_config, names=list(first_model.class_names))
     _run(final, sets, final_config, device, state=None, resume=None, again="",
@@ -283,12 +281,12 @@ def _final(first_model, found, config: TrainConfig, device, *, out: Path, first:
                          "temperature_from": "first run (fitted on valid for the first model)"}}
     metrics |= {k: v for k, v in first.items() if k not in ("valid", "test", "calibration")}
     if "test" in found.sets and dist.is_main:
-        m = evaluate_model(final, found.sets["test"].samples)
-        logits, labels, _ = logits_of(final, found.sets["test"].samples)
         from ..engine import softmax
 
-        m["ece"] = expected_calibration_error(softmax(logits, temperature=final.temperature),
-                                              labels)
+        logits, labels, bad = logits_of(final, found.sets["test"].samples)  # one pass
+        probs = softmax(logits, temperature=final.temperature)
+        m = topk_accuracy(probs, labels) | {"bad": bad,
+                                            "ece": expected_calibration_error(probs, labels)}
         metrics["final"]["test"] = metrics["test"] = m
         print(f"final test: top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  ({m['n']} images); "
               f"ECE with the first run's temperature {m['ece']:.1%}")
