@@ -4,6 +4,7 @@ result as one process with the global batch, and a stop agreed by every rank."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,7 +161,11 @@ def test_sigterm_to_one_rank_stops_both_and_resuming_gives_the_same_weights(runs
     assert "error: stopped by SIGTERM" in ranks  # rank 1, which got the signal
     assert "error: stopped by another process" in ranks  # rank 0, which agreed to stop
     assert "Traceback" not in ranks and "--resume" in ranks
-    assert report.count("exitcode  : 130") == 2, report  # both ranks left with 130
+    # The first rank to leave leaves with 130; torchrun then sends SIGTERM to any rank still
+    # closing down (a race on a loaded machine), so the other shows 130 or -15, nothing else.
+    codes = re.findall(r"exitcode\s*: (-?\d+)", report)
+    assert len(codes) == 2 and "130" in codes and set(codes) <= {"130", "-15"}, report
+    assert "Root Cause" in report and report.split("Root Cause", 1)[1].count(": 130") == 1
     state = checkpoint.read_resume(out / "last.pth")
     assert 1 <= state["epoch"] < EPOCHS
     resumed = subprocess.run(command(out, "--resume", str(out / "last.pth")), env=env,
