@@ -48,6 +48,8 @@ def run_one(recipe: str, seed: int, data_root: Path, quick: bool, *, final: bool
     device = torch.device("cpu")
     start = time.perf_counter()
     found = splits.load_data(data_root, backbones.get_backbone(config.arch))
+    quick_keeps = {"epochs", "probe_epochs"} if quick else ()
+    config = recipes.for_data(config, found.sets, device, keep=quick_keeps)  # as train.py does
     clf = recipes.new_model(found.sets, config, names=found.names)
     trained = recipes.run_recipe(clf, found.sets, config, device, log=None)
     phases = dict(trained.timings)

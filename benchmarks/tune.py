@@ -30,12 +30,13 @@ def main(argv: list[str]) -> None:
     device = runtime.get_device()
     start = time.perf_counter()
     found = splits.load_data(data.data_dir(), backbones.get_backbone(config.arch))
+    config = recipes.for_data(config, found.sets, device, keep=changes)  # as train.py does
     clf = recipes.new_model(found.sets, config, names=found.names)
     trained = recipes.run_recipe(clf, found.sets, config, device, log=None)
     done = time.perf_counter()
     result = {split: evaluate.evaluate_model(clf, found.sets[split].samples)
               for split in ("valid", "test") if split in found.sets}
-    print(json.dumps({"changes": changes,
+    print(json.dumps({"changes": changes, "views": config.views, "epochs": config.epochs,
                       "valid": [round(r["valid_top1"], 4) for r in trained.history],
                       "valid_final": result["valid"]["top1"],
                       "test": result.get("test", {}).get("top1"),

@@ -200,7 +200,14 @@ class ActivationCache:
 
     def get(self, dataset: datasets.ImageFolder, view: str = "centre", *,
             seed: int = 0) -> torch.Tensor:
-        """Activations of one view of every image: from the cache, or computed and stored."""
+        """Activations of one view of every image: from the cache, or computed and stored.
+
+        A joined set (train+valid of a final model) is the concatenation of its parts' views:
+        the training images' views extracted by the first run are found in the cache.
+        """
+        if getattr(dataset, "parts", ()):
+            parts = [self.get(part, view, seed=seed) for part in dataset.parts]
+            return torch.cat(parts).contiguous(memory_format=torch.channels_last)
         name = f"{self.spec.name}-{view}-{self.key(dataset, view, seed)}.pt"
         path = cache_dir() / "activations" / name
         if is_intact(path):

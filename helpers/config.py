@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Collection
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 
@@ -65,3 +66,20 @@ def recipe_for(recipe: str, device_type: str) -> str:
     if recipe != "auto":
         return recipe
     return "cached" if device_type == "cpu" else "full"
+
+
+# The cached recipe's settings by training images a class, chosen on valid splits of two
+# regimes (benchmarks/tune.py; figures in README.md): the course split (64 a class) and 10 a
+# class drawn from it. Few images: more augmented views and epochs pay, and cost little.
+FEW_IMAGES = 20  # images a class at or below which the few-image settings apply
+FEW_VIEWS, FEW_EPOCHS = 4, 4
+
+
+def for_data(config: TrainConfig, *, images_per_class: float, device_type: str,
+             keep: Collection[str] = ()) -> TrainConfig:
+    """The settings that follow the data (views, epochs of the cached recipe); fields in
+    `keep` (the options a user typed) stay as given."""
+    if recipe_for(config.recipe, device_type) != "cached" or images_per_class > FEW_IMAGES:
+        return config
+    changes = {"views": max(config.views, FEW_VIEWS), "epochs": max(config.epochs, FEW_EPOCHS)}
+    return replace(config, **{k: v for k, v in changes.items() if k not in keep})

@@ -93,8 +93,11 @@ def find_class_folders(root: str | os.PathLike) -> list[str]:
 class PhotoFolder(datasets.ImageFolder):
     """An ImageFolder listed by list_image_files: links followed once, loops and hidden skipped.
 
-    `link_loops` holds the links skipped because they lead back into a folder being listed.
+    `link_loops` holds the links skipped because they lead back into a folder being listed;
+    `parts` the folders a joined set was made of (the activation cache reuses theirs).
     """
+
+    parts: tuple[PhotoFolder, ...] = ()
 
     def __init__(self, root: str | os.PathLike, transform=None) -> None:
         super().__init__(root, transform=transform, loader=open_image)
@@ -129,7 +132,14 @@ class PhotoFolder(datasets.ImageFolder):
         part.samples = part.imgs = list(samples)
         part.targets = [label for _, label in samples]
         part.transform, part.transforms = transform, StandardTransform(transform, None)
+        part.parts = ()
         return part
+
+    def joined(self, other: PhotoFolder) -> PhotoFolder:
+        """This folder's samples then other's, with this folder's transform."""
+        whole = self.subset(self.samples + other.samples, self.transform)
+        whole.parts = (self, other)
+        return whole
 
 
 def warn_link_loops(loops: list[str]) -> None:

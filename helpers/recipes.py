@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from torchvision import datasets
 from .cache import ActivationCache
 from .calibration import calibrate
 from .config import TrainConfig, recipe_for
+from .config import for_data as config_for_data
 from .data import eval_transform, make_loaders, with_transform
 from .inference import logits_of
 from .model import Classifier, build_model
@@ -43,8 +45,16 @@ def final_config(config: TrainConfig, history: list[dict[str, Any]]) -> TrainCon
 
 def all_labelled(sets: dict[str, datasets.ImageFolder]) -> dict[str, datasets.ImageFolder]:
     """The training set of a final model: train and valid images, with train's transform."""
-    train = sets["train"]
-    return {"train": train.subset(train.samples + sets["valid"].samples, train.transform)}
+    return {"train": sets["train"].joined(sets["valid"])}
+
+
+def for_data(config: TrainConfig, sets: dict[str, datasets.ImageFolder], device: torch.device,
+             *, keep: Collection[str] = ()) -> TrainConfig:
+    """The settings that follow the training images a class (config.for_data): the fields in
+    `keep`, the ones a user chose, stay."""
+    per_class = len(sets["train"]) / max(len(sets["train"].classes), 1)
+    return config_for_data(config, images_per_class=per_class, device_type=device.type,
+                           keep=keep)
 
 
 def new_model(sets: dict[str, datasets.ImageFolder], config: TrainConfig, *,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import backbones, cache, data, model, recipes
-from helpers.config import TrainConfig
+from helpers.config import FEW_EPOCHS, FEW_IMAGES, FEW_VIEWS, TrainConfig, for_data
 
 LITE0 = backbones.get_backbone("efficientnet_lite0")
 TINY = backbones.get_backbone("test_efficientnet")
@@ -87,6 +87,26 @@ def test_activation_cache_hits_and_rebuilds_when_a_file_changes(backbone, tiny_f
     stored.write_bytes(bytes(raw))
     assert torch.equal(acts.get(ds, "centre"), first) and len(calls) == 3
     assert features.clear_cache() > 0 and features.cache_size() == 0
+
+
+def test_joined_set_reuses_its_parts_views(backbone, tiny_folder, monkeypatch):
+    """A final model's train+valid set extracts nothing its parts already have in the cache."""
+    calls = []
+    real_extract = features.extract
+    monkeypatch.setattr(features, "extract",
+                        lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    sets = data.load_datasets(tiny_folder, LITE0)
+    acts = features.ActivationCache(TINY, backbone, tail_stages=1, device=torch.device("cpu"),
+                                    engine="torch")
+    train = acts.get(sets["train"], "aug1", seed=7)
+    merged = recipes.all_labelled(sets)["train"]
+    assert merged.samples == sets["train"].samples + sets["valid"].samples
+    both = acts.get(merged, "aug1", seed=7)
+    assert len(calls) == 2  # train's view came from the cache; valid's was extracted once
+    assert torch.equal(both[:len(train)], train) and len(both) == len(merged)
+    assert torch.equal(both[len(train):], acts.get(sets["valid"], "aug1", seed=7))
+    assert len(calls) == 2 and both.is_contiguous(memory_format=torch.channels_last)
+    assert merged.subset(merged.samples[:3]).parts == ()  # a subset is a plain set again
 
 
 def test_truncated_onnx_trunk_is_rebuilt_and_cleared(backbone):
@@ -177,3 +197,19 @@ def test_final_config_takes_the_kept_epoch():
     assert recipes.final_config(TrainConfig(epochs=3), history).epochs == 2
     history[0]["kept"], history[2]["kept"] = True, False
     assert recipes.final_config(TrainConfig(epochs=3), history).epochs == 0
+
+
+def test_settings_follow_the_images_a_class_and_typed_options_win():
+    """Few images a class: more views and epochs for the cached recipe; nothing else moves."""
+    few = for_data(TrainConfig(), images_per_class=10, device_type="cpu")
+    assert (few.views, few.epochs) == (FEW_VIEWS, FEW_EPOCHS)
+    assert few.views > TrainConfig().views and few.epochs >= TrainConfig().epochs
+    assert for_data(TrainConfig(), images_per_class=FEW_IMAGES + 1, device_type="cpu") \
+        == TrainConfig()  # the course split's 64 a class keep the defaults
+    kept = for_data(TrainConfig(views=1, epochs=2), images_per_class=10, device_type="cpu",
+                    keep={"views", "epochs"})
+    assert (kept.views, kept.epochs) == (1, 2)
+    for other in (TrainConfig.course(), TrainConfig.full()):
+        assert for_data(other, images_per_class=5, device_type="cpu") == other
+    gpu = TrainConfig()  # auto is the full recipe on a GPU: views mean nothing there
+    assert for_data(gpu, images_per_class=5, device_type="cuda") == gpu

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..backbones import BACKBONES
-from ..config import TrainConfig, recipe_for
+from ..config import FEW_EPOCHS, FEW_IMAGES, FEW_VIEWS, TrainConfig, recipe_for
 from ..runtime import Distributed, StopFlag, Stopped, UserError, atomic_write_bytes
 from . import Interrupted
 
@@ -55,7 +55,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
            help=f"dropout before the head's last layer, in [0, 1) (default {DEFAULTS.dropout})")
     option("epochs", type=int,
            help=f"epochs over all views of the training images, after a linear probe "
-                f"(default {DEFAULTS.epochs})")
+                f"(default {DEFAULTS.epochs}; more with few images a class, see --views)")
+    option("views", type=int,
+           help=f"augmented views of each training image in the cached recipe, besides the "
+                f"centre (default {DEFAULTS.views}; with {FEW_IMAGES} or fewer images a class "
+                f"{FEW_VIEWS} views and at least {FEW_EPOCHS} epochs)")
     option("batch_size", type=int,
            help=f"samples per step and process (default {DEFAULTS.batch_size}); under "
                 "torchrun with N processes a step takes N x that, and learning rates are not "
@@ -100,6 +104,22 @@ def config_from(args: argparse.Namespace, *, device_type: str = "cpu") -> TrainC
     return base(**typed)
 
 
+def _for_data(config: TrainConfig, sets: dict, args: argparse.Namespace, *,
+              device) -> TrainConfig:
+    """The settings that follow the data, the options typed kept; one line says what changed."""
+    from ..recipes import for_data
+
+    typed = {name for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
+    adapted = for_data(config, sets, device, keep=typed)
+    changed = [f"{name} {getattr(adapted, name)}" for name in TrainConfig.__dataclass_fields__
+               if getattr(adapted, name) != getattr(config, name)]
+    if changed:
+        per_class = len(sets["train"]) / max(len(sets["train"].classes), 1)
+        print(f"{per_class:.0f} training images a class: {', '.join(changed)} "
+              "(type an option to choose it yourself)")
+    return adapted
+
+
 def check_config(config: TrainConfig) -> None:
     """Refuse impossible settings before any work starts, one line each."""
     def positive(name: str, value: float) -> None:
@@ -112,6 +132,8 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"--batch_size must be at least 1, not {config.batch_size}")
     if config.epochs < 1:
         raise UserError(f"--epochs must be at least 1, not {config.epochs}")
+    if not 0 <= config.views <= 32:
+        raise UserError(f"--views must be between 0 and 32, not {config.views}")
     if not 0.0 <= config.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), not {config.dropout}")
     if config.hidden_units < 0:
@@ -182,6 +204,7 @@ def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, devic
     for line in found.messages:
         print(line)
     sets = found.sets
+    config = _for_data(config, sets, args, device=device)
     identity = {"class_to_idx": found.class_to_idx, "data_digest": found.digest(),
                 "held_out": found.held_out}
     resume = None
