@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -68,18 +69,22 @@ def recipe_for(recipe: str, device_type: str) -> str:
     return "cached" if device_type == "cpu" else "full"
 
 
-# The cached recipe's settings by training images a class, chosen on valid splits of two
-# regimes (benchmarks/tune.py; figures in README.md): the course split (64 a class) and 10 a
-# class drawn from it. Few images: more augmented views and epochs pay, and cost little.
-FEW_IMAGES = 20  # images a class at or below which the few-image settings apply
-FEW_VIEWS, FEW_EPOCHS = 4, 4
+# The cached recipe's views and epochs, chosen on valid splits at two sizes of data
+# (benchmarks/tune.py; README.md has the figures): 10 images a class (drawn from the course
+# split) and the course split's 64. Few images: more augmented views and epochs pay, and
+# cost little. Between the two, interpolated on a log scale; beyond, the nearer one.
+TUNED = ((10, 6, 6), (64, 2, 4))  # (training images a class, augmented views, epochs)
 
 
 def for_data(config: TrainConfig, *, images_per_class: float, device_type: str,
              keep: Collection[str] = ()) -> TrainConfig:
-    """The settings that follow the data (views, epochs of the cached recipe); fields in
+    """The settings that follow the data (the cached recipe's views and epochs); fields in
     `keep` (the options a user typed) stay as given."""
-    if recipe_for(config.recipe, device_type) != "cached" or images_per_class > FEW_IMAGES:
+    if recipe_for(config.recipe, device_type) != "cached":
         return config
-    changes = {"views": max(config.views, FEW_VIEWS), "epochs": max(config.epochs, FEW_EPOCHS)}
+    (few, few_views, few_epochs), (many, many_views, many_epochs) = TUNED
+    t = (math.log(max(images_per_class, 1)) - math.log(few)) / (math.log(many) - math.log(few))
+    t = min(max(t, 0.0), 1.0)
+    changes = {"views": round(few_views + t * (many_views - few_views)),
+               "epochs": round(few_epochs + t * (many_epochs - few_epochs))}
     return replace(config, **{k: v for k, v in changes.items() if k not in keep})

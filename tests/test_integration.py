@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_image_folder
 from helpers import backbones, checkpoint, cli, evaluate, recipes, splits
-from helpers.config import FEW_VIEWS, TrainConfig
+from helpers.config import TUNED, TrainConfig
 
 
 @pytest.mark.slow
@@ -85,9 +85,9 @@ def test_final_model_on_all_labels_from_a_plain_folder(tmp_path, capsys):
     assert "no valid/ folder:" in printed and "no test/ folder:" in printed
     assert "final model: train+valid" in printed and "final test: top-1" in printed
     # about 6 training images a class: more views; the epochs typed stay
-    assert f"training images a class: views {FEW_VIEWS} (type an option" in printed
+    assert f"training images a class: views {TUNED[0][1]} (type an option" in printed
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert ckpt["config"]["views"] == FEW_VIEWS and ckpt["config"]["epochs"] == 2
+    assert ckpt["config"]["views"] == TUNED[0][1] and ckpt["config"]["epochs"] == 2
     metrics = ckpt["metrics"]
     assert ckpt["class_names"] == ["daisy", "rose", "tulip"]  # the folders' own names
     assert metrics["final"]["trained_on"] == "train+valid"

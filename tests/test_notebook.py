@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import ROOT
-from helpers.config import FEW_VIEWS
+from helpers.config import TUNED
 
 NOTEBOOK = ROOT / "Image_Classifier_Project.ipynb"
 
@@ -55,5 +55,5 @@ def test_notebook_runs_top_to_bottom_and_draws_the_sanity_check(real_data, tmp_p
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "recipe: cached" in printed and "reloaded test top-1" in printed
     # 6 images a class: the views follow the data, the epochs chosen (NB_EPOCHS) stay
-    assert f"6 training images a class: {FEW_VIEWS} augmented views, 1 epochs" in printed
+    assert f"6 training images a class: {TUNED[0][1]} augmented views, 1 epochs" in printed
     assert "test ECE" in printed and "unsure below" in printed

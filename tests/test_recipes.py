@@ -3,13 +3,14 @@ its damage checks), and each recipe's plan training a tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
 from helpers import backbones, cache, data, model, recipes
-from helpers.config import FEW_EPOCHS, FEW_IMAGES, FEW_VIEWS, TrainConfig, for_data
+from helpers.config import TUNED, TrainConfig, for_data
 
 LITE0 = backbones.get_backbone("efficientnet_lite0")
 TINY = backbones.get_backbone("test_efficientnet")
@@ -201,14 +202,23 @@ def test_final_config_takes_the_kept_epoch():
 
 def test_settings_follow_the_images_a_class_and_typed_options_win():
     """Few images a class: more views and epochs for the cached recipe; nothing else moves."""
-    few = for_data(TrainConfig(), images_per_class=10, device_type="cpu")
-    assert (few.views, few.epochs) == (FEW_VIEWS, FEW_EPOCHS)
-    assert few.views > TrainConfig().views and few.epochs >= TrainConfig().epochs
-    assert for_data(TrainConfig(), images_per_class=FEW_IMAGES + 1, device_type="cpu") \
-        == TrainConfig()  # the course split's 64 a class keep the defaults
-    kept = for_data(TrainConfig(views=1, epochs=2), images_per_class=10, device_type="cpu",
-                    keep={"views", "epochs"})
-    assert (kept.views, kept.epochs) == (1, 2)
+    (few, few_views, few_epochs), (many, many_views, many_epochs) = TUNED
+    assert (many_views, many_epochs) == (TrainConfig().views, TrainConfig().epochs)
+    assert few < many and few_views > many_views and few_epochs > many_epochs
+
+    def settings(per_class: float, config: TrainConfig | None = None, **kwargs):
+        config = config or TrainConfig()
+        adapted = for_data(config, images_per_class=per_class, device_type="cpu", **kwargs)
+        assert dataclasses.replace(adapted, views=0, epochs=0) == \
+            dataclasses.replace(config, views=0, epochs=0)  # only these two move
+        return adapted.views, adapted.epochs
+
+    assert settings(2) == settings(few) == (few_views, few_epochs)
+    assert settings(many) == settings(10 * many) == (many_views, many_epochs)
+    middle = [settings(n) for n in range(few, many + 1)]  # from one tuned point to the other
+    assert middle == sorted(middle, reverse=True) and len(set(middle)) >= 3
+    assert settings(few, TrainConfig(views=1, epochs=2), keep={"views", "epochs"}) == (1, 2)
+    assert settings(few, TrainConfig(epochs=2), keep={"epochs"}) == (few_views, 2)
     for other in (TrainConfig.course(), TrainConfig.full()):
         assert for_data(other, images_per_class=5, device_type="cpu") == other
     gpu = TrainConfig()  # auto is the full recipe on a GPU: views mean nothing there

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..backbones import BACKBONES
-from ..config import FEW_EPOCHS, FEW_IMAGES, FEW_VIEWS, TrainConfig, recipe_for
+from ..config import TUNED, TrainConfig, recipe_for
 from ..runtime import Distributed, StopFlag, Stopped, UserError, atomic_write_bytes
 from . import Interrupted
 
@@ -55,11 +55,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
            help=f"dropout before the head's last layer, in [0, 1) (default {DEFAULTS.dropout})")
     option("epochs", type=int,
            help=f"epochs over all views of the training images, after a linear probe "
-                f"(default {DEFAULTS.epochs}; more with few images a class, see --views)")
+                f"(default {DEFAULTS.epochs}; more with few images a class: see --views)")
     option("views", type=int,
            help=f"augmented views of each training image in the cached recipe, besides the "
-                f"centre (default {DEFAULTS.views}; with {FEW_IMAGES} or fewer images a class "
-                f"{FEW_VIEWS} views and at least {FEW_EPOCHS} epochs)")
+                f"centre (default: {TUNED[1][1]} views and {TUNED[1][2]} epochs with "
+                f"{TUNED[1][0]} or more images a class, up to {TUNED[0][1]} views and "
+                f"{TUNED[0][2]} epochs with {TUNED[0][0]} or fewer)")
     option("batch_size", type=int,
            help=f"samples per step and process (default {DEFAULTS.batch_size}); under "
                 "torchrun with N processes a step takes N x that, and learning rates are not "
