@@ -1,16 +1,20 @@
 """Try one variant of the training recipe on a data folder; choose by valid accuracy.
 
     python benchmarks/tune.py views=4 tail_stages=2 epochs=6
-    FLOWERS_DIR=build/fewshot python benchmarks/tune.py probe_epochs=40
+    python benchmarks/tune.py --fewshot views=6 epochs=6
 
-Each key=value overrides a field of TrainConfig. Prints the valid history, the valid and
-test accuracy and the phases' wall time as one JSON line (the test split only reports).
+Each key=value overrides a field of TrainConfig; the others follow the data as in train.py.
+The data is FLOWERS_DIR; `--fewshot` uses the benchmark's few-shot regime drawn from it (10
+training and 10 validation images a class, seed 0, made once in build/fewshot, so that the
+activation cache serves every later variant). Prints the valid history, the valid and test
+accuracy and the wall time as one JSON line (the test split only reports).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,11 +29,23 @@ def main(argv: list[str]) -> None:
     """Train the variant given by key=value arguments and print its figures as JSON."""
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     casts = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() == "true"}
-    changes = {k: casts[types[k]](v) for k, v in (a.split("=", 1) for a in argv)}
+    fewshot = "--fewshot" in argv
+    pairs = [a.split("=", 1) for a in argv if a != "--fewshot"]
+    changes = {k: casts[types[k]](v) for k, v in pairs}
     config = TrainConfig(**changes)
     device = runtime.get_device()
     start = time.perf_counter()
-    found = splits.load_data(data.data_dir(), backbones.get_backbone(config.arch))
+    root = data.data_dir()
+    if fewshot:
+        from benchmark import fewshot as draw
+
+        few = Path(__file__).resolve().parent.parent / "build" / "fewshot"
+        if not few.is_dir():  # drawn beside it, then renamed: never half a folder
+            partial = few.with_name("fewshot.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            draw(root, partial, seed=0).rename(few)
+        root = few
+    found = splits.load_data(root, backbones.get_backbone(config.arch))
     config = recipes.for_data(config, found.sets, device, keep=changes)  # as train.py does
     clf = recipes.new_model(found.sets, config, names=found.names)
     trained = recipes.run_recipe(clf, found.sets, config, device, log=None)
