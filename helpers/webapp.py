@@ -1,10 +1,10 @@
 """The phone app: a static web page that names a flower offline with the exported model.
 
-`build_app(checkpoint, out=...)` writes the model (int8 when calibration photos are at hand),
-`model.json` (names and preprocessing, which onnxruntime-web cannot read from the ONNX
-metadata), the page and service worker shipped in `helpers/webapp/`, and the onnxruntime-web
-wasm runtime from npm. `serve(folder, port=...)` serves it on loopback with the headers that
-let the wasm runtime use threads.
+`build_app(checkpoint, out=...)` writes the model (fp32; static int8 with precision="int8"),
+specialised for one photo at a time, `model.json` (names and preprocessing, which
+onnxruntime-web cannot read from the ONNX metadata), the page and service worker shipped in
+`helpers/webapp/`, and the onnxruntime-web wasm runtime from npm. `serve(folder, port=...)`
+serves it on loopback with the headers that let the wasm runtime use threads.
 """
 
 from __future__ import annotations
@@ -69,9 +69,14 @@ def app_metadata(model, *, precision: str) -> dict[str, Any]:
             "unsure_below": float(raw["unsure_below"]), "precision": precision}
 
 
+PRECISIONS = ("fp32", "int8")
+FP32_WHY = ("fp32 (the default: in the browser as fast as int8 or faster on CPUs without "
+            "VNNI, and the checkpoint's own answers; --int8 for a file 3 times smaller)")
+
+
 def calibration_folder(ckpt: dict[str, Any], calibration: str | os.PathLike | None,
-                       ) -> tuple[Path | None, str]:
-    """The folder of photos to calibrate int8 on (None: export fp32) and why, in words."""
+                       ) -> tuple[Path, str]:
+    """The folder of photos to calibrate the int8 model on, and the precision in words."""
     if calibration is not None:
         if not Path(calibration).is_dir():
             raise AppError(f"{calibration}: no such folder of calibration photos; give the "
@@ -80,12 +85,12 @@ def calibration_folder(ckpt: dict[str, Any], calibration: str | os.PathLike | No
     recorded = (ckpt.get("metrics") or {}).get("data_dir") or (ckpt.get("config") or {}).get(
         "data_dir")
     if not recorded:
-        return None, ("fp32: the checkpoint does not record its training folder; give "
-                      "--calibration DIR (training photos) for a smaller, faster int8 model")
+        raise AppError("int8: the checkpoint does not record its training folder; give "
+                       "--calibration DIR (training photos), or leave out --int8 for fp32")
     train = Path(recorded) / "train"
     if not train.is_dir():
-        return None, (f"fp32: the training folder the checkpoint records ({train}) is gone; "
-                      "give --calibration DIR for int8")
+        raise AppError(f"int8: the training folder the checkpoint records ({train}) is gone; "
+                       "give --calibration DIR, or leave out --int8 for fp32")
     return train, f"int8, calibrated on the training folder {train}"
 
 
@@ -125,20 +130,30 @@ def _service_worker(out: Path, files: list[str]) -> None:
 
 
 def build_app(checkpoint: str | os.PathLike, *, out: str | os.PathLike,
-              calibration: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Write the offline app for a checkpoint into `out`; returns its precision and files."""
+              precision: str = "fp32", calibration: str | os.PathLike | None = None,
+              ) -> dict[str, Any]:
+    """Write the offline app for a checkpoint into `out`; returns its precision and files.
+
+    precision "fp32" (default) or "int8": static QDQ int8, calibrated on `calibration` or
+    else on the training folder the checkpoint records.
+    """
+    if precision not in PRECISIONS:
+        raise AppError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if calibration is not None and precision != "int8":
+        raise AppError("--calibration applies to the int8 model only: add --int8")
     model, ckpt = load_checkpoint(checkpoint)
-    folder, why = calibration_folder(ckpt, calibration)
+    folder, why = (calibration_folder(ckpt, calibration) if precision == "int8"
+                   else (None, FP32_WHY))
     dist = ort_dist()  # before the slow export: a missing npm fails fast
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export.export_onnx(model, Path(tmp) / "model.onnx")
+        exported = export.export_onnx(model, Path(tmp) / "exported.onnx")
+        one = export.one_image_onnx(model, exported, out=Path(tmp) / "model.onnx")
         if folder is None:
-            shutil.copy(fp32, out / "model.onnx")
+            shutil.copy(one, out / "model.onnx")
         else:
-            export.quantize_onnx(model, fp32, out=out / "model.onnx", calibration=folder)
-    precision = "fp32" if folder is None else "int8"
+            export.quantize_onnx(model, one, out=out / "model.onnx", calibration=folder)
     meta = app_metadata(model, precision=precision)
     (out / "model.json").write_text(json.dumps(meta, indent=1))
     for name in STATIC:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, make_image_folder
-from helpers import checkpoint, cli, model, webapp
+from helpers import checkpoint, cli, export, model, webapp
 from helpers.predict import process_image
 
 NODE = shutil.which("node")
@@ -142,18 +142,30 @@ def tiny_ckpt(tmp_path_factory):
     return checkpoint.save_checkpoint(clf, path, metrics={"data_dir": str(folder)}), folder
 
 
-def test_precision_follows_the_calibration_photos_at_hand(tiny_ckpt, tmp_path):
+def test_int8_calibrates_on_the_photos_at_hand_or_says_what_to_give(tiny_ckpt, tmp_path):
     _, folder = tiny_ckpt
     recorded = {"metrics": {"data_dir": str(folder)}}
     assert webapp.calibration_folder(recorded, None) == (
         folder / "train", f"int8, calibrated on the training folder {folder / 'train'}")
     assert webapp.calibration_folder({}, folder / "valid")[0] == folder / "valid"
-    none, why = webapp.calibration_folder({"config": {}, "metrics": {}}, None)
-    assert none is None and why.startswith("fp32: the checkpoint does not record")
-    gone, why = webapp.calibration_folder({"metrics": {"data_dir": str(tmp_path)}}, None)
-    assert gone is None and why.startswith("fp32: the training folder") and str(tmp_path) in why
+    with pytest.raises(webapp.AppError, match="does not record its training folder"):
+        webapp.calibration_folder({"config": {}, "metrics": {}}, None)
+    with pytest.raises(webapp.AppError, match=f"training folder .*{tmp_path}.* is gone"):
+        webapp.calibration_folder({"metrics": {"data_dir": str(tmp_path)}}, None)
     with pytest.raises(webapp.AppError, match="no such folder"):
         webapp.calibration_folder({}, tmp_path / "missing")
+
+
+def test_precision_is_explicit(tiny_ckpt, tmp_path):
+    """fp32 unless asked for int8; calibration photos alone do not switch it."""
+    ckpt, folder = tiny_ckpt
+    with pytest.raises(webapp.AppError, match="--calibration applies to the int8 model only"):
+        webapp.build_app(ckpt, out=tmp_path / "app", calibration=folder / "train")
+    with pytest.raises(webapp.AppError, match="choose one of fp32, int8"):
+        webapp.build_app(ckpt, out=tmp_path / "app", precision="fp16")
+    assert cli.main(["app", str(ckpt), "--out", str(tmp_path / "app"), "--calibration",
+                     str(folder / "train")]) == 1
+    assert not (tmp_path / "app").exists()
 
 
 def test_missing_npm_is_one_clear_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
@@ -164,20 +176,14 @@ def test_missing_npm_is_one_clear_line(tiny_ckpt, tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "app").exists()  # it failed before the slow export
 
 
-@pytest.mark.slow  # a process of its own
-@needs_npm
-def test_build_app_writes_a_complete_int8_app(tiny_ckpt, tmp_path, capsys):
-    ckpt, folder = tiny_ckpt
-    out = tmp_path / "app"
-    assert cli.main(["app", str(ckpt), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert f"int8, calibrated on the training folder {folder / 'train'}" in printed
+def _check_app_files(out: Path, precision: str) -> None:
+    """Every file of the app, model.json's facts, the service worker's list, no CDN."""
     for name in [*webapp.STATIC, "sw.js", "model.json", "model.onnx",
                  *(f"ort/{n}" for n in webapp.ORT_FILES)]:
         assert (out / name).is_file(), name
     meta = json.loads((out / "model.json").read_text())
     assert meta["class_names"] == ["pink primrose", "globe thistle", "hard-leaved pocket orchid"]
-    assert meta["class_ids"] == ["1", "10", "2"] and meta["precision"] == "int8"
+    assert meta["class_ids"] == ["1", "10", "2"] and meta["precision"] == precision
     assert (meta["input_size"], meta["resize_size"], meta["interpolation"]) == (224, 256,
                                                                                 "bicubic")
     assert meta["mean"] == meta["std"] == [0.5] * 3
@@ -187,6 +193,45 @@ def test_build_app_writes_a_complete_int8_app(tiny_ckpt, tmp_path, capsys):
     # No CDN: every script and runtime the page loads comes from the app itself.
     for name in ("index.html", "app.js"):
         assert "https://" not in (out / name).read_text()
+
+
+@pytest.mark.slow  # a process of its own
+@needs_npm
+def test_build_app_writes_a_complete_fp32_app_by_default(tiny_ckpt, tmp_path, capsys):
+    ckpt, folder = tiny_ckpt
+    out = tmp_path / "app"
+    assert cli.main(["app", str(ckpt), "--out", str(out)]) == 0
+    assert "; fp32 (the default" in capsys.readouterr().out
+    _check_app_files(out, "fp32")
+    # One photo at a time, shapes static: the exported shape arithmetic (TF "same" padding)
+    # is folded into the convolutions, standard ONNX operators only, no quantization.
+    nodes = _nodes(out / "model.onnx")
+    ops = {n.op_type for n in nodes}
+    assert not ops & {"Shape", "Gather", "Pad", "Ceil", "QuantizeLinear", "DequantizeLinear"}
+    assert all(n.domain in ("", "ai.onnx") for n in nodes), ops
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    assert session.get_inputs()[0].shape == [1, 3, 224, 224]
+    # The same probabilities as the model in PyTorch (float32 rounding apart).
+    clf, _ = checkpoint.load_checkpoint(ckpt)
+    wrapper = export.Probabilities(clf).eval()
+    for image in sorted((folder / "test").rglob("*.jpg")):
+        x = process_image(image)[None]
+        probs = session.run(None, {"images": x})[0]
+        with torch.no_grad():
+            expected = wrapper(torch.from_numpy(x)).numpy()
+        assert probs.shape == (1, 3)
+        np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+@pytest.mark.slow  # a process of its own
+@needs_npm
+def test_build_app_writes_a_complete_int8_app(tiny_ckpt, tmp_path, capsys):
+    ckpt, folder = tiny_ckpt
+    out = tmp_path / "app"
+    assert cli.main(["app", str(ckpt), "--out", str(out), "--int8"]) == 0
+    printed = capsys.readouterr().out
+    assert f"int8, calibrated on the training folder {folder / 'train'}" in printed
+    _check_app_files(out, "int8")
     session = ort.InferenceSession(str(out / "model.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in _nodes(out / "model.onnx"))
     x = process_image(folder / "test" / "2" / "img_0.jpg")[None]
