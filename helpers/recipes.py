@@ -48,13 +48,17 @@ def all_labelled(sets: dict[str, datasets.ImageFolder]) -> dict[str, datasets.Im
     return {"train": sets["train"].joined(sets["valid"])}
 
 
+def images_per_class(sets: dict[str, datasets.ImageFolder]) -> float:
+    """Training images a class, on average."""
+    return len(sets["train"]) / max(len(sets["train"].classes), 1)
+
+
 def for_data(config: TrainConfig, sets: dict[str, datasets.ImageFolder], device: torch.device,
              *, keep: Collection[str] = ()) -> TrainConfig:
     """The settings that follow the training images a class (config.for_data): the fields in
     `keep`, the ones a user chose, stay."""
-    per_class = len(sets["train"]) / max(len(sets["train"].classes), 1)
-    return config_for_data(config, images_per_class=per_class, device_type=device.type,
-                           keep=keep)
+    return config_for_data(config, images_per_class=images_per_class(sets),
+                           device_type=device.type, keep=keep)
 
 
 def new_model(sets: dict[str, datasets.ImageFolder], config: TrainConfig, *,

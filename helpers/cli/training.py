@@ -108,15 +108,14 @@ def config_from(args: argparse.Namespace, *, device_type: str = "cpu") -> TrainC
 def _for_data(config: TrainConfig, sets: dict, args: argparse.Namespace, *,
               device) -> TrainConfig:
     """The settings that follow the data, the options typed kept; one line says what changed."""
-    from ..recipes import for_data
+    from ..recipes import for_data, images_per_class
 
     typed = {name for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
     adapted = for_data(config, sets, device, keep=typed)
     changed = [f"{name} {getattr(adapted, name)}" for name in TrainConfig.__dataclass_fields__
                if getattr(adapted, name) != getattr(config, name)]
     if changed:
-        per_class = len(sets["train"]) / max(len(sets["train"].classes), 1)
-        print(f"{per_class:.0f} training images a class: {', '.join(changed)} "
+        print(f"{images_per_class(sets):.0f} training images a class: {', '.join(changed)} "
               "(type an option to choose it yourself)")
     return adapted
 
