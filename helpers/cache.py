@@ -24,20 +24,21 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from .backbones import Backbone
-from .data import cache_dir, eval_transform, train_transform
-from .onnx_io import onnx_bytes
+from .data import eval_transform, train_transform
 from .runtime import (
     StopFlag,
     atomic_save,
-    atomic_write_bytes,
-    autocast,
-    file_sha256,
+    cache_dir,
     ignore_stop_signals,
+    is_intact,
     progress,
+    seal,
 )
+from .trunk import make_runner, trunk_runtime
 
 CACHE_VERSION = 1
 CACHED_KINDS = ("activations", "onnx", "engines")  # the folders cache_dir() holds
+CACHED_FILES = ("trunk_runtime.json",)  # and its files
 
 
 def split_backbone(backbone: nn.Module, tail_stages: int) -> tuple[nn.Module, nn.Module]:
@@ -93,66 +94,6 @@ def weights_digest(module: nn.Module) -> hashlib._Hash:
     return h
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def seal(path: str | os.PathLike) -> Path:
-    """Store the sha256 of a cached file beside it (written after the file itself)."""
-    path = Path(path)
-    atomic_write_bytes(file_sha256(path).encode(), _sidecar(path))
-    return path
-
-
-def is_intact(path: str | os.PathLike) -> bool:
-    """True when a cached file and its stored sha256 exist and agree; else both are deleted."""
-    path = Path(path)
-    try:
-        if path.is_file() and file_sha256(path) == _sidecar(path).read_text().strip():
-            return True
-    except OSError:
-        pass
-    path.unlink(missing_ok=True)
-    _sidecar(path).unlink(missing_ok=True)
-    return False
-
-
-def has_onnxruntime() -> bool:
-    """True when ONNX Runtime can be imported."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def onnx_runner(trunk: nn.Module, input_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The trunk exported once to ONNX (cached) and run by ONNX Runtime: fp32, 2.5x torch bf16."""
-    import onnxruntime as ort
-
-    path = cache_dir() / "onnx" / f"trunk-{weights_digest(trunk).hexdigest()[:24]}.onnx"
-    if not is_intact(path):
-        example = torch.zeros(2, 3, input_size, input_size)
-        seal(atomic_write_bytes(onnx_bytes(trunk, example, output="activations"), path))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
-
-
-def torch_runner(trunk: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The trunk in PyTorch: channels_last and bf16/fp16 autocast where the hardware has them."""
-    trunk = trunk.to(device, memory_format=torch.channels_last).eval()
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-        with autocast(device):
-            return trunk(images)
-
-    return run
-
-
 @torch.inference_mode()
 def extract(run: Callable[[torch.Tensor], torch.Tensor], data: Dataset, *, batch_size: int = 32,
             desc: str = "extract", stop: StopFlag | None = None) -> torch.Tensor:
@@ -172,18 +113,21 @@ class ActivationCache:
     """The frozen trunk of a backbone and its activations per (dataset, view), cached on disk."""
 
     def __init__(self, spec: Backbone, backbone: nn.Module, *, tail_stages: int,
-                 device: torch.device, engine: str = "auto", stop: StopFlag | None = None) -> None:
-        if engine == "auto":
-            engine = "onnx" if device.type == "cpu" and has_onnxruntime() else "torch"
+                 device: torch.device, engine: str = "auto", stop: StopFlag | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         self.spec, self.tail_stages, self.device = spec, tail_stages, device
-        self.engine, self.stop = engine, stop
+        self.stop, self.log = stop, log
         self.trunk, self.tail = split_backbone(backbone, tail_stages)
         self._digest = weights_digest(self.trunk).hexdigest()
+        if engine == "auto":  # on a CPU the fastest runtime here (trunk.py), else PyTorch
+            engine = (trunk_runtime(self.trunk, digest=self._digest, input_size=spec.input_size,
+                                    log=log) if device.type == "cpu" else "torch")
+        self.engine = engine
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None  # made when first needed
         self.seconds, self.images = 0.0, 0  # time spent computing activations, and for how many
 
     def release(self) -> None:
-        """Free the trunk's runner (an ONNX Runtime session and its memory arena)."""
+        """Free the trunk's runner (a runtime's session and its memory arena)."""
         self._run = None
 
     def key(self, dataset: datasets.ImageFolder, view: str, seed: int) -> str:
@@ -219,8 +163,10 @@ class ActivationCache:
         # finds its activations cached has to train exactly like the run that made them.
         with torch.random.fork_rng(devices=[]):
             if self._run is None:
-                self._run = (onnx_runner(self.trunk, self.spec.input_size)
-                             if self.engine == "onnx" else torch_runner(self.trunk, self.device))
+                if self.log:
+                    self.log(f"extracting the frozen trunk's activations with {self.engine}")
+                self._run = make_runner(self.engine, self.trunk, digest=self._digest,
+                                        input_size=self.spec.input_size, device=self.device)
             data = SeededView(dataset, view_transform(self.spec, view), seed)
             acts = extract(self._run, data, desc=f"{view} views of {Path(dataset.root).name}",
                            stop=self.stop)
@@ -230,11 +176,15 @@ class ActivationCache:
         return acts
 
 
+def _cached(folder: Path) -> list[Path]:
+    """Every cached file: activations, ONNX trunks, prediction engines, the runtime choice."""
+    files = [p for kind in CACHED_KINDS for p in (folder / kind).rglob("*") if p.is_file()]
+    return files + [folder / name for name in CACHED_FILES if (folder / name).is_file()]
+
+
 def cache_size(folder: Path | None = None) -> int:
     """Bytes held by every cached artefact: activations, ONNX trunks, prediction engines."""
-    folder = folder or cache_dir()
-    return sum(p.stat().st_size for kind in CACHED_KINDS for p in (folder / kind).rglob("*")
-               if p.is_file())
+    return sum(p.stat().st_size for p in _cached(folder or cache_dir()))
 
 
 def clear_cache(folder: Path | None = None) -> int:
@@ -243,4 +193,6 @@ def clear_cache(folder: Path | None = None) -> int:
     size = cache_size(folder)
     for kind in CACHED_KINDS:
         shutil.rmtree(folder / kind, ignore_errors=True)
+    for name in CACHED_FILES:
+        (folder / name).unlink(missing_ok=True)
     return size

@@ -25,6 +25,7 @@ class TrainConfig:
     tail_stages: int = 1  # cached recipe: backbone stages fine-tuned on cached activations
     views: int = 2  # cached recipe: augmented views per training image, besides the centre
     probe_epochs: int = 20  # cached recipe: passes of the linear probe before fine-tuning
+    freeze_bn: bool = True  # cached recipe: the tail's batch norm keeps ImageNet statistics
     tta: bool = False  # validate on the image and its mirror image, averaged
     seed: int = 0
     fast: bool = True  # bf16/fp16 autocast and channels_last where the hardware gains

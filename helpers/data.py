@@ -41,14 +41,6 @@ def data_dir() -> Path:
     return Path(os.environ.get("FLOWERS_DIR") or PROJECT_ROOT / "flowers")
 
 
-def cache_dir() -> Path:
-    """The cache folder: $FLOWERS_CACHE when set, else the user's cache directory."""
-    if os.environ.get("FLOWERS_CACHE"):
-        return Path(os.environ["FLOWERS_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "flower-classifier"
-
-
 def train_transform(spec: Backbone) -> transforms.Compose:
     """Augmentation for training: small rotation, random resized crop, horizontal flip."""
     return transforms.Compose([

@@ -1,8 +1,9 @@
-"""The prediction engine: a trained classifier as one ONNX Runtime session, without torch.
+"""The prediction engine: a trained classifier as one ONNX graph, run without torch.
 
 This is the one inference path of a trained model: the main job's figures, `evaluate`, the
 notebook's `predict` and `predict.py` all run it, so they agree on every image. The ONNX
-graph returns logits; the engine divides them by the model's temperature and takes the
+graph returns logits (run by OpenVINO where the trunk's measurement chose it on this CPU,
+else by ONNX Runtime); the engine divides them by the model's temperature and takes the
 softmax in NumPy. Its metadata carries what an answer needs: class folders and names,
 preprocessing, temperature, unsure threshold, and the sha256 of the checkpoint it was
 made from, so a stale engine beside a newer checkpoint is never used.
@@ -10,11 +11,12 @@ made from, so a stale engine beside a newer checkpoint is never used.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .images import ImageError, process_image
-from .runtime import file_sha256
+from .runtime import cache_dir, file_sha256
 
 ENGINE_SUFFIX = ".engine.onnx"
 
@@ -55,20 +57,59 @@ def engine_path(checkpoint: str | os.PathLike) -> Path:
     return checkpoint.with_name(checkpoint.name.rsplit(".", 1)[0] + ENGINE_SUFFIX)
 
 
+def chosen_runtime() -> str:
+    """The runtime the cached recipe measured fastest on this CPU (trunk.py), when it is
+    OpenVINO and installed; else ONNX Runtime."""
+    try:
+        saved = json.loads((cache_dir() / "trunk_runtime.json").read_text())["runtime"]
+    except (OSError, ValueError, KeyError, TypeError):
+        saved = "onnxruntime"
+    if saved == "openvino" and importlib.util.find_spec("openvino") is not None:
+        return "openvino"
+    return "onnxruntime"
+
+
+def _onnxruntime(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """A batch -> logits function: one ONNX Runtime session on the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
+def _openvino(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """A batch -> logits function: OpenVINO's CPU plugin in f32 (see trunk.py)."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        request.infer({0: batch})
+        return request.get_output_tensor(0).data.copy()
+
+    return run
+
+
 class Engine:
     """An exported classifier with its labels, preprocessing and calibration."""
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
-        import onnxruntime as ort
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
+                 runtime: str | None = None) -> None:
+        import onnx
 
         self.path = Path(path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), options,
-                                            providers=["CPUExecutionProvider"])
-        meta = self.session.get_modelmeta().custom_metadata_map
+        proto = onnx.load(str(self.path), load_external_data=False)
+        meta = {p.key: p.value for p in proto.metadata_props}
         self.class_names: list[str] = json.loads(meta["class_names"])
         self.class_ids: list[str] = json.loads(meta["class_ids"])
         self.mean = tuple(json.loads(meta["mean"]))
@@ -79,7 +120,10 @@ class Engine:
         self.unsure_below = float(meta.get("unsure_below", 0.0))
         self.checkpoint_sha256 = meta.get("checkpoint_sha256", "")
         self.weights_sha256 = meta.get("weights_sha256", "")
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_name = proto.graph.input[0].name
+        self.runtime = runtime or chosen_runtime()
+        self._run = (_openvino(self.path, threads) if self.runtime == "openvino"
+                     else _onnxruntime(self.path, threads))
 
     def preprocess(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
         """process_image with this model's size and normalisation."""
@@ -88,8 +132,7 @@ class Engine:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw class scores of a batch of preprocessed images (N x 3 x H x W)."""
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(
-            batch, dtype=np.float32)})[0]
+        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated probabilities: softmax(logits / temperature)."""

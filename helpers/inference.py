@@ -15,14 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import is_intact, seal, weights_digest
+from .cache import weights_digest
 from .checkpoint import save_checkpoint
-from .data import cache_dir
 from .engine import Engine, engine_path
 from .export import export_onnx, save_with_metadata
 from .images import ImageError
 from .model import Classifier
-from .runtime import file_sha256
+from .runtime import cache_dir, file_sha256, is_intact, seal
 
 _LOADED: dict[str, Engine] = {}  # engines by weights digest, so a session is made once
 

@@ -74,9 +74,38 @@ def autocast_dtype(device, *, enabled: bool = True) -> torch.dtype | None:
 
     if enabled and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if enabled and device.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
+    if enabled and device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+# The CPU flags that decide which kernels run, as lscpu and /proc/cpuinfo name them.
+SIMD_FLAGS = ("sse4_2", "avx", "fma", "avx2", "avx512f", "avx512_vnni", "avx_vnni",
+              "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "sve", "bf16")
+# oneDNN's ISA ceiling (ONEDNN_MAX_CPU_ISA=AVX2 runs PyTorch's and OpenVINO's kernels as on
+# an AVX2-only CPU); below AVX512_CORE_BF16 there is no native bf16.
+_NO_BF16_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                 "AVX512_CORE_VNNI")
+
+
+def cpu_flags() -> str:
+    """The CPU's SIMD flags that matter for speed (from /proc/cpuinfo), space-separated."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    have = set(line.split(":", 1)[-1].split())
+    return " ".join(f for f in SIMD_FLAGS if f in have)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (and ONEDNN_MAX_CPU_ISA does not forbid it)."""
+    import torch
+
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _NO_BF16_ISAS:
+        return False
+    return bool(torch.cpu._is_avx512_bf16_supported())
 
 
 def autocast(device, *, enabled: bool = True) -> contextlib.AbstractContextManager:
@@ -87,6 +116,14 @@ def autocast(device, *, enabled: bool = True) -> contextlib.AbstractContextManag
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def cache_dir() -> Path:
+    """The cache folder: $FLOWERS_CACHE when set, else the user's cache directory."""
+    if os.environ.get("FLOWERS_CACHE"):
+        return Path(os.environ["FLOWERS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flower-classifier"
 
 
 def disk_full_message(folder: str | os.PathLike, *, needed: int = 0) -> str:
@@ -165,6 +202,30 @@ def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
             shutil.copyfileobj(src, f)
 
     return atomic_write(path, write)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def seal(path: str | os.PathLike) -> Path:
+    """Store the sha256 of a cached file beside it (written after the file itself)."""
+    path = Path(path)
+    atomic_write_bytes(file_sha256(path).encode(), _sidecar(path))
+    return path
+
+
+def is_intact(path: str | os.PathLike) -> bool:
+    """True when a cached file and its stored sha256 exist and agree; else both are deleted."""
+    path = Path(path)
+    try:
+        if path.is_file() and file_sha256(path) == _sidecar(path).read_text().strip():
+            return True
+    except OSError:
+        pass
+    path.unlink(missing_ok=True)
+    _sidecar(path).unlink(missing_ok=True)
+    return False
 
 
 class Stopped(Exception):

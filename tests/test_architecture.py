@@ -18,7 +18,7 @@ PACKAGE = ROOT / "helpers"
 LAYERS = {
     "runtime": 0, "images": 0, "config": 0, "__init__": 0,
     "names": 1, "engine": 1, "backbones": 1, "data": 1,
-    "download": 2, "model": 2, "splits": 2, "onnx_io": 2,
+    "download": 2, "model": 2, "splits": 2, "onnx_io": 2, "trunk": 2, "batches": 2,
     "checkpoint": 3, "cache": 3, "train": 3,
     "export": 4, "inference": 4, "recipes": 4, "predict": 4, "evaluate": 4, "calibration": 4,
     "gradcam": 4,

@@ -4,12 +4,14 @@ its damage checks), and each recipe's plan training a tiny model."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
 import torch
 
-from helpers import backbones, cache, data, model, recipes
+from helpers import backbones, cache, data, model, recipes, runtime, trunk
+from helpers import batches as batches_mod
 from helpers.config import TUNED, TrainConfig, for_data
 
 LITE0 = backbones.get_backbone("efficientnet_lite0")
@@ -50,16 +52,57 @@ def test_seeded_views_repeat_and_differ_by_seed(tiny_folder):
     assert torch.allclose(centre, plain.flip(2))
 
 
-def test_onnx_runner_matches_torch_fp32(backbone):
-    pytest.importorskip("onnxruntime")
-    trunk, _ = features.split_backbone(backbone, 1)
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_runtimes_match_torch_fp32_within_the_tolerance(backbone, name):
+    pytest.importorskip(name)
+    trunk_, _ = features.split_backbone(backbone, 1)
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
-        expected = trunk(x)
-    got = features.onnx_runner(trunk, 224)(x)
+        expected = trunk_(x)
+    run = trunk.make_runner(name, trunk_, digest="d" * 64, input_size=224,
+                            device=torch.device("cpu"))
+    got = run(x)
     assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() < 1e-3
-    assert list((data.cache_dir() / "onnx").glob("trunk-*.onnx"))  # exported into the cache
+    assert torch.allclose(got, expected, atol=trunk.TOLERANCE, rtol=trunk.TOLERANCE)
+    assert list((runtime.cache_dir() / "onnx").glob("trunk-*-224.onnx"))  # in the cache
+
+
+def test_trunk_runtime_is_measured_once_and_remembered(backbone, monkeypatch):
+    trunk_, _ = features.split_backbone(backbone, 1)
+    measured = []
+    real = trunk.measure_runtimes
+    monkeypatch.setattr(trunk, "measure_runtimes",
+                        lambda *a, **k: measured.append(1) or real(*a, **k))
+    lines = []
+    first = trunk.trunk_runtime(trunk_, digest="d" * 64, input_size=64, log=lines.append)
+    saved = json.loads((runtime.cache_dir() / "trunk_runtime.json").read_text())
+    assert first == saved["runtime"] and len(measured) == 1
+    assert saved["facts"]["flags"] == runtime.cpu_flags()
+    # the fastest of those that agree with PyTorch fp32 was chosen, and the log says which
+    agreeing = {k: m for k, m in saved["measured"].items() if m["agrees"]}
+    assert first == max(agreeing, key=lambda k: agreeing[k]["images_per_s"])
+    assert lines and lines[0].startswith(f"trunk runtime: {first} ")
+    assert trunk.trunk_runtime(trunk_, digest="d" * 64, input_size=64, log=lines.append) == first
+    assert len(measured) == 1 and len(lines) == 1  # read back, not measured again
+    saved["facts"]["flags"] = "avx2 fma"  # another CPU kind: measured again
+    (runtime.cache_dir() / "trunk_runtime.json").write_text(json.dumps(saved))
+    trunk.trunk_runtime(trunk_, digest="d" * 64, input_size=64, log=None)
+    assert len(measured) == 2
+
+
+def test_a_runtime_that_disagrees_is_never_chosen(backbone, monkeypatch):
+    trunk_, _ = features.split_backbone(backbone, 1)
+    fake = {"openvino": {"images_per_s": 900.0, "max_diff": 0.3, "agrees": False},
+            "onnxruntime": {"images_per_s": 100.0, "max_diff": 1e-6, "agrees": True},
+            "torch": {"images_per_s": 50.0, "max_diff": 0.0, "agrees": True}}
+    monkeypatch.setattr(trunk, "measure_runtimes", lambda *a, **k: fake)
+    assert trunk.trunk_runtime(trunk_, digest="e" * 64, input_size=64, log=None) == "onnxruntime"
+
+
+def test_onednn_isa_ceiling_turns_bf16_off(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not runtime.cpu_has_bf16()
+    assert runtime.autocast_dtype(torch.device("cpu")) is None
 
 
 def test_activation_cache_hits_and_rebuilds_when_a_file_changes(backbone, tiny_folder,
@@ -75,14 +118,14 @@ def test_activation_cache_hits_and_rebuilds_when_a_file_changes(backbone, tiny_f
     assert first.shape[0] == 36 and first.dtype == torch.float16
     assert torch.equal(acts.get(ds, "centre"), first) and len(calls) == 1
     assert features.cache_size() > 0
-    stored = next((data.cache_dir() / "activations").glob("*.pt"))
+    stored = next((runtime.cache_dir() / "activations").glob("*.pt"))
     assert stored.with_name(stored.name + ".sha256").is_file()  # its digest beside it
     path = ds.samples[0][0]
     os.utime(path, ns=(1, 1))  # the same bytes, another mtime: the cache must not be trusted
     acts.get(ds, "centre")
     assert len(calls) == 2
     # Damage that still loads: one byte changed inside the tensor data is found and rebuilt.
-    stored = max((data.cache_dir() / "activations").glob("*.pt"), key=os.path.getmtime)
+    stored = max((runtime.cache_dir() / "activations").glob("*.pt"), key=os.path.getmtime)
     raw = bytearray(stored.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     stored.write_bytes(bytes(raw))
@@ -112,16 +155,21 @@ def test_joined_set_reuses_its_parts_views(backbone, tiny_folder, monkeypatch):
 
 def test_truncated_onnx_trunk_is_rebuilt_and_cleared(backbone):
     pytest.importorskip("onnxruntime")
-    trunk, _ = features.split_backbone(backbone, 1)
-    features.onnx_runner(trunk, 64)
-    path = next((data.cache_dir() / "onnx").glob("trunk-*.onnx"))
+    trunk_, _ = features.split_backbone(backbone, 1)
+
+    def runner():
+        return trunk.make_runner("onnxruntime", trunk_, digest="f" * 64, input_size=64,
+                                 device=torch.device("cpu"))
+
+    runner()
+    path = next((runtime.cache_dir() / "onnx").glob("trunk-*.onnx"))
     path.write_bytes(path.read_bytes()[:1000])  # a truncated file, as a full disk leaves
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        expected = trunk(x)
-    assert (features.onnx_runner(trunk, 64)(x) - expected).abs().max() < 1e-3
+        expected = trunk_(x)
+    assert (runner()(x) - expected).abs().max() < trunk.TOLERANCE
     assert features.clear_cache() > 0
-    assert not list((data.cache_dir() / "onnx").glob("*"))
+    assert not list((runtime.cache_dir() / "onnx").glob("*"))
 
 
 def _setup(folder, **changes):
@@ -223,3 +271,44 @@ def test_settings_follow_the_images_a_class_and_typed_options_win():
         assert for_data(other, images_per_class=5, device_type="cpu") == other
     gpu = TrainConfig()  # auto is the full recipe on a GPU: views mean nothing there
     assert for_data(gpu, images_per_class=5, device_type="cuda") == gpu
+
+
+def test_view_batches_show_every_image_once_an_epoch_in_a_seeded_view():
+    n, count = 10, 3
+    # row v*n + i holds the number 100*v + i: view v of image i
+    views = torch.tensor([100 * v + i for v in range(count) for i in range(n)], dtype=torch.float32)
+    views = views[:, None, None, None].expand(-1, 2, 2, 2).contiguous()
+    labels = torch.arange(n) * 7
+    batches = batches_mod.ViewBatches(views, labels, batch_size=4)
+    assert len(batches) == 3
+
+    def epoch(seed):
+        batches.generator.manual_seed(seed)
+        return [(x.clone(), y.clone()) for x, y in batches]
+
+    first = epoch(1)
+    assert [len(y) for _, y in first] == [4, 4, 2]
+    assert all(x.shape[1:] == (2, 2, 2) for x, _ in first)
+    codes = torch.cat([x[:, 0, 0, 0] for x, _ in first]).long()
+    image, view = codes % 100, codes // 100
+    assert sorted(image.tolist()) == list(range(n))  # every image once
+    assert torch.equal(torch.cat([y for _, y in first]), image * 7)  # with its own label
+    again = epoch(1)  # reseeded as a resumed run's epoch is: the very same batches
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(first, again, strict=True))
+    seen = {int(v) for s in range(2, 8) for x, _ in epoch(s) for v in x[:, 0, 0, 0] // 100}
+    assert seen == set(range(count)) and not torch.equal(view, torch.cat(
+        [x[:, 0, 0, 0] for x, _ in epoch(2)]).long() // 100)
+    with pytest.raises(ValueError, match="whole views"):
+        batches_mod.ViewBatches(views[:-1], labels, batch_size=4)
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_frozen_batch_norm_keeps_its_statistics_and_trains_its_scale(tiny_folder, freeze_bn):
+    config, sets, clf = _setup(tiny_folder, recipe="cached", probe_epochs=0,
+                               freeze_bn=freeze_bn)
+    bn = clf.backbone.bn2
+    mean, weight = bn.running_mean.clone(), bn.weight.clone()
+    recipes.run_recipe(clf, sets, config, torch.device("cpu"), log=None)
+    assert torch.equal(bn.running_mean, mean) == freeze_bn
+    assert not torch.equal(bn.weight, weight)  # its scale trains either way
