@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import backbones, checkpoint, data, evaluate, recipes, splits  # noqa: E402
+from helpers import backbones, checkpoint, data, evaluate, recipes, runtime, splits  # noqa: E402
 from helpers.config import TrainConfig  # noqa: E402
 
 
@@ -71,10 +71,13 @@ def run_one(recipe: str, seed: int, data_root: Path, quick: bool, *, final: bool
     if save:
         checkpoint.save_checkpoint(clf, save, config=config, metrics=result)
     phases["total"] = time.perf_counter() - start
+    chosen = runtime.cache_dir() / "trunk_runtime.json"  # the cached recipe's measured choice
+    trunk = json.loads(chosen.read_text())["runtime"] if chosen.is_file() else "torch"
     # history seconds count from the start of training, after the extraction
     history = [r | {"seconds": r["seconds"] + phases["extract"]} for r in trained.history]
     return {"recipe": recipe, "seed": seed, "config": asdict(config), "history": history,
-            "phases": phases, "valid": result["valid"], "test": result["test"],
+            "phases": phases, "trunk_runtime": trunk, "valid": result["valid"],
+            "test": result["test"],
             "first_run": first, "final": final, "train_images": len(found.sets["train"]),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -200,17 +203,18 @@ def summarize(runs: list[dict]) -> dict:
 
 def table(runs: list[dict], summary: dict) -> str:
     """The figures as a markdown table (per run, then the mean), then the summary lines."""
-    lines = ["| recipe | seed | valid top-1 | valid top-5 | test top-1 | test top-5 | extract s "
-             "| extract img/s | probe s | fine-tune s | calibrate s | final s | eval s "
-             "| total s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | seed | valid top-1 | valid top-5 | test top-1 | test top-5 "
+             "| trunk runtime | extract s | extract img/s | probe s | fine-tune s | calibrate s "
+             "| final s | eval s | total s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         p = r["phases"]
         rate = p["extract_images"] / p["extract"] if p.get("extract") else None
         train_s = p.get("fine-tune", p.get("train", 0.0))
         lines.append(
             f"| {r['recipe']} | {r['seed']} | {r['valid']['top1']:.2%} | {r['valid']['top5']:.2%} "
-            f"| {r['test']['top1']:.2%} | {r['test']['top5']:.2%} | {p.get('extract', 0):.0f} "
+            f"| {r['test']['top1']:.2%} | {r['test']['top5']:.2%} "
+            f"| {r.get('trunk_runtime', '-')} | {p.get('extract', 0):.0f} "
             f"| {f'{rate:.0f}' if rate else '-'} | {p.get('linear probe', 0):.0f} "
             f"| {train_s:.0f} | {p.get('calibrate', 0):.0f} | {p.get('final', 0):.0f} "
             f"| {p['evaluate']:.0f} | {p['total']:.0f} | {r['peak_rss_mb']:.0f} |")
@@ -294,8 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         exports = _child("export", 0, data_root, args.quick, Path(tmp) / "export.json",
                          save=saved)
     summary = summarize(runs)
+    ceiling = os.environ.get("ONEDNN_MAX_CPU_ISA")
     report = {"date": date.today().isoformat(), "machine": f"{cpu_name()}, "
-              f"{os.cpu_count()} cores, torch {torch.__version__}", "quick": args.quick,
+              f"{os.cpu_count()} cores, flags: {runtime.cpu_flags()}"
+              + (f" (run as AVX2: ONEDNN_MAX_CPU_ISA={ceiling})" if ceiling else "")
+              + f", torch {torch.__version__}", "quick": args.quick,
               "regime": "quick" if args.quick else args.regime, "final": final,
               "data": str(data_root), "summary": summary, "runs": runs, "exports": exports}
     out.write_text(json.dumps(report, indent=2, default=str))

@@ -272,3 +272,21 @@ def test_exports_match_pytorch_on_60_real_test_images(real_data, tmp_path):
         top5 = np.argsort(-got, axis=1)[:, :5]
         np.testing.assert_allclose(np.take_along_axis(expected, top5, axis=1),
                                    -np.sort(-expected, axis=1)[:, :5], atol=1e-4)
+
+
+def test_the_engine_gives_the_same_logits_in_either_runtime_and_follows_the_choice(
+        folder, ckpt, monkeypatch, tmp_path):
+    pytest.importorskip("openvino")
+    from helpers.engine import Engine, chosen_runtime, engine_path
+    from helpers.runtime import cache_dir
+
+    by_ort = Engine(engine_path(ckpt), runtime="onnxruntime")
+    x = np.stack([by_ort.preprocess(p) for p in sorted((folder / "test").rglob("*.jpg"))])
+    by_ov = Engine(engine_path(ckpt), runtime="openvino")
+    assert np.allclose(by_ov.logits(x), by_ort.logits(x), atol=1e-4, rtol=1e-4)
+    assert by_ov.class_ids == by_ort.class_ids == ["1", "10", "2"]
+    assert chosen_runtime() == "onnxruntime"  # nothing measured yet
+    (cache_dir() / "trunk_runtime.json").write_text(json.dumps({"runtime": "openvino"}))
+    assert chosen_runtime() == "openvino" == Engine(engine_path(ckpt)).runtime
+    (cache_dir() / "trunk_runtime.json").write_text("{damaged")
+    assert chosen_runtime() == "onnxruntime"
