@@ -74,7 +74,7 @@ def recipe_for(recipe: str, device_type: str) -> str:
 # (benchmarks/tune.py; README.md has the figures): 10 images a class (drawn from the course
 # split) and the course split's 64. Few images: more augmented views and epochs pay, and
 # cost little. Between the two, interpolated on a log scale; beyond, the nearer one.
-TUNED = ((10, 6, 36), (64, 2, 12))  # (training images a class, augmented views, epochs)
+TUNED = ((10, 6, 48), (64, 2, 12))  # (training images a class, augmented views, epochs)
 
 
 def for_data(config: TrainConfig, *, images_per_class: float, device_type: str,
