@@ -10,6 +10,7 @@ the fastest in the cache folder; later runs read the choice (`trunk_runtime`).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -150,6 +151,7 @@ def trunk_runtime(trunk: nn.Module, *, digest: str, input_size: int,
     """The fastest runtime on this CPU that agrees with PyTorch fp32: measured on the first
     run with these versions on this CPU, then read from the cache folder."""
     facts = {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags(),
+             "isa_ceiling": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
              "versions": _versions(), "threads": torch.get_num_threads(),
              "input_size": input_size}
     path = cache_dir() / "trunk_runtime.json"
