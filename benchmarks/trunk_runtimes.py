@@ -21,7 +21,7 @@ import torch
 
 from helpers.backbones import get_backbone
 from helpers.cache import split_backbone, weights_digest
-from helpers.runtime import cpu_flags
+from helpers.runtime import cpu_flags, cpu_has_bf16
 from helpers.trunk import measure_runtimes, onnx_trunk
 
 
@@ -49,7 +49,8 @@ def _rejected(trunk: torch.nn.Module, path, batch: int):
         yield f"onnxruntime {level}", partial(
             lambda s, x: torch.from_numpy(s.run(None, {"images": x.numpy()})[0]), session)
     core = ov.Core()
-    for hint, precision in (("THROUGHPUT", "f32"), ("LATENCY", "bf16")):
+    settings = [("THROUGHPUT", "f32")] + ([("LATENCY", "bf16")] if cpu_has_bf16() else [])
+    for hint, precision in settings:
         request = core.compile_model(core.read_model(str(path)), "CPU", {
             "PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision,
         }).create_infer_request()
@@ -61,7 +62,8 @@ def _rejected(trunk: torch.nn.Module, path, batch: int):
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
             return bf16(x.contiguous(memory_format=torch.channels_last)).float()
 
-    yield "torch channels_last bf16 autocast", torch_bf16
+    if cpu_has_bf16():
+        yield "torch channels_last bf16 autocast", torch_bf16
 
 
 def main() -> None:

@@ -57,6 +57,54 @@ def engine_path(checkpoint: str | os.PathLike) -> Path:
     return checkpoint.with_name(checkpoint.name.rsplit(".", 1)[0] + ENGINE_SUFFIX)
 
 
+def _fields(data: bytes | memoryview) -> Iterator[tuple[int, bytes | memoryview | int]]:
+    """(field number, value) of a protobuf message: bytes for length-delimited fields."""
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while i < len(data):
+        key = varint()
+        kind = key & 7
+        if kind == 0:
+            yield key >> 3, varint()
+        elif kind == 2:
+            size = varint()
+            yield key >> 3, data[i:i + size]
+            i += size
+        elif kind in (1, 5):
+            i += 8 if kind == 1 else 4
+        else:
+            raise ValueError(f"not an ONNX file (protobuf wire type {kind})")
+
+
+def read_header(path: Path) -> tuple[dict[str, str], list[str]]:
+    """An ONNX file's metadata and input names, read without the onnx package (whose import
+    alone costs most of a one-photo answer): ModelProto field 14 holds the metadata, field 7
+    the graph, whose field 11 lists the inputs."""
+    data = memoryview(path.read_bytes())
+    meta, inputs = {}, []
+    for number, value in _fields(data):
+        if number == 14:
+            entry = dict(_fields(value))
+            meta[bytes(entry.get(1, b"")).decode()] = bytes(entry.get(2, b"")).decode()
+        elif number == 7:
+            inputs += [bytes(dict(_fields(v)).get(1, b"")).decode()
+                       for n, v in _fields(value) if n == 11]
+    if not inputs:
+        raise ValueError(f"{path} has no graph inputs")
+    return meta, inputs
+
+
 def chosen_runtime() -> str:
     """The runtime the cached recipe measured fastest on this CPU (trunk.py), when it is
     OpenVINO and installed; else ONNX Runtime."""
@@ -105,11 +153,8 @@ class Engine:
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
                  runtime: str | None = None) -> None:
-        import onnx
-
         self.path = Path(path)
-        proto = onnx.load(str(self.path), load_external_data=False)
-        meta = {p.key: p.value for p in proto.metadata_props}
+        meta, inputs = read_header(self.path)
         self.class_names: list[str] = json.loads(meta["class_names"])
         self.class_ids: list[str] = json.loads(meta["class_ids"])
         self.mean = tuple(json.loads(meta["mean"]))
@@ -120,7 +165,7 @@ class Engine:
         self.unsure_below = float(meta.get("unsure_below", 0.0))
         self.checkpoint_sha256 = meta.get("checkpoint_sha256", "")
         self.weights_sha256 = meta.get("weights_sha256", "")
-        self.input_name = proto.graph.input[0].name
+        self.input_name = inputs[0]
         self.runtime = runtime or chosen_runtime()
         self._run = (_openvino(self.path, threads) if self.runtime == "openvino"
                      else _onnxruntime(self.path, threads))

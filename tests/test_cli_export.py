@@ -290,3 +290,18 @@ def test_the_engine_gives_the_same_logits_in_either_runtime_and_follows_the_choi
     assert chosen_runtime() == "openvino" == Engine(engine_path(ckpt)).runtime
     (cache_dir() / "trunk_runtime.json").write_text("{damaged")
     assert chosen_runtime() == "onnxruntime"
+
+
+def test_engine_header_is_read_as_onnx_reads_it(ckpt, tmp_path):
+    import onnx
+
+    from helpers.engine import engine_path, open_engine, read_header
+
+    proto = onnx.load(engine_path(ckpt))
+    meta, inputs = read_header(engine_path(ckpt))
+    assert meta == {p.key: p.value for p in proto.metadata_props}
+    assert inputs == [i.name for i in proto.graph.input]
+    garbage = tmp_path / "checkpoint.pth"
+    garbage.write_bytes(ckpt.read_bytes())
+    engine_path(garbage).write_bytes(b"\x0f\xff" * 50)  # not protobuf: rebuilt, never trusted
+    assert open_engine(garbage) is None
