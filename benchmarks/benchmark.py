@@ -34,7 +34,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import backbones, checkpoint, data, evaluate, recipes, runtime, splits  # noqa: E402
+from helpers import (  # noqa: E402
+    backbones,
+    checkpoint,
+    data,
+    evaluate,
+    recipes,
+    runtime,
+    splits,
+    storage,
+)
 from helpers.config import TrainConfig  # noqa: E402
 
 
@@ -71,7 +80,7 @@ def run_one(recipe: str, seed: int, data_root: Path, quick: bool, *, final: bool
     if save:
         checkpoint.save_checkpoint(clf, save, config=config, metrics=result)
     phases["total"] = time.perf_counter() - start
-    chosen = runtime.cache_dir() / "trunk_runtime.json"  # the cached recipe's measured choice
+    chosen = storage.cache_dir() / "trunk_runtime.json"  # the cached recipe's measured choice
     trunk = json.loads(chosen.read_text())["runtime"] if chosen.is_file() else "torch"
     # history seconds count from the start of training, after the extraction
     history = [r | {"seconds": r["seconds"] + phases["extract"]} for r in trained.history]

@@ -25,15 +25,8 @@ from torchvision import datasets, transforms
 
 from .backbones import Backbone
 from .data import eval_transform, train_transform
-from .runtime import (
-    StopFlag,
-    atomic_save,
-    cache_dir,
-    ignore_stop_signals,
-    is_intact,
-    progress,
-    seal,
-)
+from .runtime import StopFlag, atomic_save, ignore_stop_signals, progress
+from .storage import cache_dir, is_intact, seal
 from .trunk import make_runner, trunk_runtime
 
 CACHE_VERSION = 1

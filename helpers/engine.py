@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 from .images import ImageError, process_image
-from .runtime import cache_dir, file_sha256
+from .runtime import file_sha256
+from .storage import cache_dir
 
 ENGINE_SUFFIX = ".engine.onnx"
 

@@ -21,7 +21,8 @@ from .engine import Engine, engine_path
 from .export import export_onnx, save_with_metadata
 from .images import ImageError
 from .model import Classifier
-from .runtime import cache_dir, file_sha256, is_intact, seal
+from .runtime import file_sha256
+from .storage import cache_dir, is_intact, seal
 
 _LOADED: dict[str, Engine] = {}  # engines by weights digest, so a session is made once
 

@@ -118,14 +118,6 @@ def autocast(device, *, enabled: bool = True) -> contextlib.AbstractContextManag
     return torch.autocast(device.type, dtype=dtype)
 
 
-def cache_dir() -> Path:
-    """The cache folder: $FLOWERS_CACHE when set, else the user's cache directory."""
-    if os.environ.get("FLOWERS_CACHE"):
-        return Path(os.environ["FLOWERS_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "flower-classifier"
-
-
 def disk_full_message(folder: str | os.PathLike, *, needed: int = 0) -> str:
     """One line for a full disk: which folder, how much is free, what to do."""
     folder = Path(folder)
@@ -202,30 +194,6 @@ def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
             shutil.copyfileobj(src, f)
 
     return atomic_write(path, write)
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def seal(path: str | os.PathLike) -> Path:
-    """Store the sha256 of a cached file beside it (written after the file itself)."""
-    path = Path(path)
-    atomic_write_bytes(file_sha256(path).encode(), _sidecar(path))
-    return path
-
-
-def is_intact(path: str | os.PathLike) -> bool:
-    """True when a cached file and its stored sha256 exist and agree; else both are deleted."""
-    path = Path(path)
-    try:
-        if path.is_file() and file_sha256(path) == _sidecar(path).read_text().strip():
-            return True
-    except OSError:
-        pass
-    path.unlink(missing_ok=True)
-    _sidecar(path).unlink(missing_ok=True)
-    return False
 
 
 class Stopped(Exception):

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .onnx_io import onnx_bytes
-from .runtime import atomic_write_bytes, autocast, cache_dir, cpu_flags, is_intact, seal
+from .runtime import atomic_write_bytes, autocast, cpu_flags
+from .storage import cache_dir, is_intact, seal
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 RUNTIMES = ("openvino", "onnxruntime", "torch")  # the order of preference on a tie

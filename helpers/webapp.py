@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 
 from . import export
 from .checkpoint import load_checkpoint
-from .runtime import UserError, cache_dir
+from .runtime import UserError
+from .storage import cache_dir
 
 WEBAPP = Path(__file__).resolve().parent / "webapp"
 STATIC = ["index.html", "app.js", "preprocess.js", "style.css", "manifest.webmanifest",

@@ -278,7 +278,7 @@ def test_the_engine_gives_the_same_logits_in_either_runtime_and_follows_the_choi
         folder, ckpt, monkeypatch, tmp_path):
     pytest.importorskip("openvino")
     from helpers.engine import Engine, chosen_runtime, engine_path
-    from helpers.runtime import cache_dir
+    from helpers.storage import cache_dir
 
     by_ort = Engine(engine_path(ckpt), runtime="onnxruntime")
     x = np.stack([by_ort.preprocess(p) for p in sorted((folder / "test").rglob("*.jpg"))])

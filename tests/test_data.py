@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import data, runtime
+from helpers import data, storage
 from helpers.backbones import get_backbone
 from helpers.predict import process_image
 
@@ -22,10 +22,10 @@ def test_data_and_cache_dirs_follow_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FLOWERS_DIR", str(tmp_path / "d"))
     monkeypatch.setenv("FLOWERS_CACHE", str(tmp_path / "c"))
     assert data.data_dir() == tmp_path / "d"
-    assert runtime.cache_dir() == tmp_path / "c"
+    assert storage.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("FLOWERS_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert runtime.cache_dir() == tmp_path / "xdg" / "flower-classifier"
+    assert storage.cache_dir() == tmp_path / "xdg" / "flower-classifier"
 
 
 def test_label_mapping_sorts_folders_as_strings(tiny_folder):

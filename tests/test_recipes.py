@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from helpers import backbones, cache, data, model, recipes, runtime, trunk
+from helpers import backbones, cache, data, model, recipes, runtime, storage, trunk
 from helpers import batches as batches_mod
 from helpers.config import TUNED, TrainConfig, for_data
 
@@ -64,7 +64,7 @@ def test_runtimes_match_torch_fp32_within_the_tolerance(backbone, name):
     got = run(x)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=trunk.TOLERANCE, rtol=trunk.TOLERANCE)
-    assert list((runtime.cache_dir() / "onnx").glob("trunk-*-224.onnx"))  # in the cache
+    assert list((storage.cache_dir() / "onnx").glob("trunk-*-224.onnx"))  # in the cache
 
 
 def test_trunk_runtime_is_measured_once_and_remembered(backbone, monkeypatch):
@@ -75,7 +75,7 @@ def test_trunk_runtime_is_measured_once_and_remembered(backbone, monkeypatch):
                         lambda *a, **k: measured.append(1) or real(*a, **k))
     lines = []
     first = trunk.trunk_runtime(trunk_, digest="d" * 64, input_size=64, log=lines.append)
-    saved = json.loads((runtime.cache_dir() / "trunk_runtime.json").read_text())
+    saved = json.loads((storage.cache_dir() / "trunk_runtime.json").read_text())
     assert first == saved["runtime"] and len(measured) == 1
     assert saved["facts"]["flags"] == runtime.cpu_flags()
     # the fastest of those that agree with PyTorch fp32 was chosen, and the log says which
@@ -85,7 +85,7 @@ def test_trunk_runtime_is_measured_once_and_remembered(backbone, monkeypatch):
     assert trunk.trunk_runtime(trunk_, digest="d" * 64, input_size=64, log=lines.append) == first
     assert len(measured) == 1 and len(lines) == 1  # read back, not measured again
     saved["facts"]["flags"] = "avx2 fma"  # another CPU kind: measured again
-    (runtime.cache_dir() / "trunk_runtime.json").write_text(json.dumps(saved))
+    (storage.cache_dir() / "trunk_runtime.json").write_text(json.dumps(saved))
     trunk.trunk_runtime(trunk_, digest="d" * 64, input_size=64, log=None)
     assert len(measured) == 2
 
@@ -118,14 +118,14 @@ def test_activation_cache_hits_and_rebuilds_when_a_file_changes(backbone, tiny_f
     assert first.shape[0] == 36 and first.dtype == torch.float16
     assert torch.equal(acts.get(ds, "centre"), first) and len(calls) == 1
     assert features.cache_size() > 0
-    stored = next((runtime.cache_dir() / "activations").glob("*.pt"))
+    stored = next((storage.cache_dir() / "activations").glob("*.pt"))
     assert stored.with_name(stored.name + ".sha256").is_file()  # its digest beside it
     path = ds.samples[0][0]
     os.utime(path, ns=(1, 1))  # the same bytes, another mtime: the cache must not be trusted
     acts.get(ds, "centre")
     assert len(calls) == 2
     # Damage that still loads: one byte changed inside the tensor data is found and rebuilt.
-    stored = max((runtime.cache_dir() / "activations").glob("*.pt"), key=os.path.getmtime)
+    stored = max((storage.cache_dir() / "activations").glob("*.pt"), key=os.path.getmtime)
     raw = bytearray(stored.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     stored.write_bytes(bytes(raw))
@@ -162,14 +162,14 @@ def test_truncated_onnx_trunk_is_rebuilt_and_cleared(backbone):
                                  device=torch.device("cpu"))
 
     runner()
-    path = next((runtime.cache_dir() / "onnx").glob("trunk-*.onnx"))
+    path = next((storage.cache_dir() / "onnx").glob("trunk-*.onnx"))
     path.write_bytes(path.read_bytes()[:1000])  # a truncated file, as a full disk leaves
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = trunk_(x)
     assert (runner()(x) - expected).abs().max() < trunk.TOLERANCE
     assert features.clear_cache() > 0
-    assert not list((runtime.cache_dir() / "onnx").glob("*"))
+    assert not list((storage.cache_dir() / "onnx").glob("*"))
 
 
 def _setup(folder, **changes):

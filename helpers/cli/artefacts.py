@@ -55,7 +55,7 @@ def cmd_app(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     """Show the size of the caches (activations, ONNX trunks, engines), or clear them."""
     from ..cache import cache_size, clear_cache
-    from ..runtime import cache_dir
+    from ..storage import cache_dir
 
     if args.clear:
         print(f"cleared {clear_cache() / 1e6:.0f} MB from {cache_dir()}")
