@@ -80,7 +80,7 @@ def run_one(recipe: str, seed: int, data_root: Path, quick: bool, *, final: bool
     if save:
         checkpoint.save_checkpoint(clf, save, config=config, metrics=result)
     phases["total"] = time.perf_counter() - start
-    chosen = storage.cache_dir() / "trunk_runtime.json"  # the cached recipe's measured choice
+    chosen = storage.runtime_choice()  # the trunk runtime the cached recipe measured
     trunk = json.loads(chosen.read_text())["runtime"] if chosen.is_file() else "torch"
     # history seconds count from the start of training, after the extraction
     history = [r | {"seconds": r["seconds"] + phases["extract"]} for r in trained.history]

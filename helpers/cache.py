@@ -26,12 +26,12 @@ from torchvision import datasets, transforms
 from .backbones import Backbone
 from .data import eval_transform, train_transform
 from .runtime import StopFlag, atomic_save, ignore_stop_signals, progress
-from .storage import cache_dir, is_intact, seal
+from .storage import cache_dir, is_intact, runtime_choice, seal
 from .trunk import make_runner, trunk_runtime
 
 CACHE_VERSION = 1
 CACHED_KINDS = ("activations", "onnx", "engines")  # the folders cache_dir() holds
-CACHED_FILES = ("trunk_runtime.json",)  # and its files
+
 
 
 def split_backbone(backbone: nn.Module, tail_stages: int) -> tuple[nn.Module, nn.Module]:
@@ -172,7 +172,8 @@ class ActivationCache:
 def _cached(folder: Path) -> list[Path]:
     """Every cached file: activations, ONNX trunks, prediction engines, the runtime choice."""
     files = [p for kind in CACHED_KINDS for p in (folder / kind).rglob("*") if p.is_file()]
-    return files + [folder / name for name in CACHED_FILES if (folder / name).is_file()]
+    choice = folder / runtime_choice().name
+    return files + ([choice] if choice.is_file() else [])
 
 
 def cache_size(folder: Path | None = None) -> int:
@@ -186,6 +187,5 @@ def clear_cache(folder: Path | None = None) -> int:
     size = cache_size(folder)
     for kind in CACHED_KINDS:
         shutil.rmtree(folder / kind, ignore_errors=True)
-    for name in CACHED_FILES:
-        (folder / name).unlink(missing_ok=True)
+    (folder / runtime_choice().name).unlink(missing_ok=True)
     return size

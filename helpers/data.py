@@ -15,9 +15,10 @@ from torchvision.datasets.vision import StandardTransform
 from torchvision.transforms import InterpolationMode
 
 from .backbones import Backbone
+from .distributed import Distributed
 from .images import check_image, is_hidden, list_image_files, open_image
 from .names import DataError, class_names, load_category_names
-from .runtime import Distributed, ignore_stop_signals
+from .runtime import ignore_stop_signals
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "valid", "test")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from .images import ImageError, process_image
 from .runtime import file_sha256
-from .storage import cache_dir
+from .storage import runtime_choice
 
 ENGINE_SUFFIX = ".engine.onnx"
 
@@ -110,7 +110,7 @@ def chosen_runtime() -> str:
     """The runtime the cached recipe measured fastest on this CPU (trunk.py), when it is
     OpenVINO and installed; else ONNX Runtime."""
     try:
-        saved = json.loads((cache_dir() / "trunk_runtime.json").read_text())["runtime"]
+        saved = json.loads(runtime_choice().read_text())["runtime"]
     except (OSError, ValueError, KeyError, TypeError):
         saved = "onnxruntime"
     if saved == "openvino" and importlib.util.find_spec("openvino") is not None:
@@ -118,8 +118,26 @@ def chosen_runtime() -> str:
     return "onnxruntime"
 
 
-def _onnxruntime(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
-    """A batch -> logits function: one ONNX Runtime session on the CPU."""
+def onnx_session(path: Path, *, runtime: str,
+                 threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A batch -> first output function of an ONNX file on the CPU, in fp32: ONNX Runtime
+    (every graph optimisation) or OpenVINO (f32, not bf16; the latency hint puts every core
+    on one request, where two throughput streams would halve a synchronous call)."""
+    if runtime == "openvino":
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        core = ov.Core()
+        request = core.compile_model(core.read_model(str(path)), "CPU",
+                                     config).create_infer_request()
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            request.infer({0: batch})
+            return request.get_output_tensor(0).data.copy()
+
+        return run
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -129,24 +147,6 @@ def _onnxruntime(path: Path, threads: int | None) -> Callable[[np.ndarray], np.n
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {name: batch})[0]
-
-
-def _openvino(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
-    """A batch -> logits function: OpenVINO's CPU plugin in f32 (see trunk.py)."""
-    import openvino as ov
-
-    core = ov.Core()
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-    request = compiled.create_infer_request()
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        request.infer({0: batch})
-        return request.get_output_tensor(0).data.copy()
-
-    return run
 
 
 class Engine:
@@ -168,8 +168,7 @@ class Engine:
         self.weights_sha256 = meta.get("weights_sha256", "")
         self.input_name = inputs[0]
         self.runtime = runtime or chosen_runtime()
-        self._run = (_openvino(self.path, threads) if self.runtime == "openvino"
-                     else _onnxruntime(self.path, threads))
+        self._run = onnx_session(self.path, runtime=self.runtime, threads=threads)
 
     def preprocess(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
         """process_image with this model's size and normalisation."""

@@ -29,9 +29,10 @@ from .calibration import calibrate
 from .config import TrainConfig, recipe_for
 from .config import for_data as config_for_data
 from .data import eval_transform, make_loaders, with_transform
+from .distributed import Distributed
 from .inference import logits_of
 from .model import Classifier, build_model
-from .runtime import Distributed, StopFlag, autocast, seed_everything
+from .runtime import StopFlag, autocast, seed_everything
 from .train import Phase, Plan, accuracy, fit, predict_probs
 
 

@@ -21,6 +21,11 @@ def cache_dir() -> Path:
     return Path(base) / "flower-classifier"
 
 
+def runtime_choice() -> Path:
+    """The file where the cached recipe keeps the trunk runtime it measured fastest here."""
+    return cache_dir() / "trunk_runtime.json"
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 

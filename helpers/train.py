@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import Distributed
 from .runtime import (
-    Distributed,
     StopFlag,
     Stopped,
     atomic_save,

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .engine import onnx_session
 from .onnx_io import onnx_bytes
 from .runtime import atomic_write_bytes, autocast, cpu_flags
-from .storage import cache_dir, is_intact, seal
+from .storage import cache_dir, is_intact, runtime_choice, seal
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 RUNTIMES = ("openvino", "onnxruntime", "torch")  # the order of preference on a tie
@@ -50,35 +51,6 @@ def onnx_trunk(trunk: nn.Module, *, digest: str, input_size: int) -> Path:
     return path
 
 
-def onnxruntime_runner(path: Path) -> Runner:
-    """An ONNX file run by ONNX Runtime (fp32, every graph optimisation, NCHWc included)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
-
-
-def openvino_runner(path: Path) -> Runner:
-    """An ONNX file run by OpenVINO's CPU plugin: f32 (no bf16 rounding), all cores on one
-    request (the latency hint: with two cores, two throughput streams halve a sync call)."""
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-        "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-    request = compiled.create_infer_request()
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        request.infer({0: images.numpy()})
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
-
-    return run
-
-
 def torch_runner(trunk: nn.Module, device: torch.device) -> Runner:
     """The trunk in PyTorch: channels_last and bf16/fp16 autocast where the hardware has them."""
     trunk = trunk.to(device, memory_format=torch.channels_last).eval()
@@ -96,8 +68,9 @@ def make_runner(runtime: str, trunk: nn.Module, *, digest: str, input_size: int,
     """A function from a batch of images to the trunk's activations, in `runtime`."""
     if runtime == "torch":
         return torch_runner(trunk, device)
-    path = onnx_trunk(trunk, digest=digest, input_size=input_size)
-    return openvino_runner(path) if runtime == "openvino" else onnxruntime_runner(path)
+    run = onnx_session(onnx_trunk(trunk, digest=digest, input_size=input_size),
+                       runtime=runtime, threads=torch.get_num_threads())
+    return lambda images: torch.from_numpy(run(images.numpy()))
 
 
 def _versions() -> dict[str, str]:
@@ -155,7 +128,7 @@ def trunk_runtime(trunk: nn.Module, *, digest: str, input_size: int,
              "isa_ceiling": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
              "versions": _versions(), "threads": torch.get_num_threads(),
              "input_size": input_size}
-    path = cache_dir() / "trunk_runtime.json"
+    path = runtime_choice()
     try:
         saved = json.loads(path.read_text())
         if saved.get("facts") == facts and saved.get("runtime") in RUNTIMES and installed(

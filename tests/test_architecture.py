@@ -16,7 +16,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "helpers"
 # Each module's layer: a module may import its own layer or below, never above.
 LAYERS = {
-    "runtime": 0, "storage": 0, "images": 0, "config": 0, "__init__": 0,
+    "runtime": 0, "storage": 0, "distributed": 0, "images": 0, "config": 0, "__init__": 0,
     "names": 1, "engine": 1, "backbones": 1, "data": 1,
     "download": 2, "model": 2, "splits": 2, "onnx_io": 2, "trunk": 2, "batches": 2,
     "checkpoint": 3, "cache": 3, "train": 3,

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from helpers import data, model, recipes, runtime, train
+from helpers import data, distributed, model, recipes, train
 from helpers.cli import build_parser
 from helpers.cli.training import config_from
 from helpers.config import TrainConfig, recipe_for
@@ -55,12 +55,12 @@ def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    dist = runtime.Distributed.from_environment()
+    dist = distributed.Distributed.from_environment()
     assert (dist.rank, dist.world_size, dist.local_rank, dist.is_main) == (3, 4, 1, False)
     assert dist.place(torch.device("cuda")) == torch.device("cuda", 1)
     assert dist.place(torch.device("mps")) == torch.device("mps")
     assert dist.place(torch.device("cpu")) == torch.device("cpu")
-    alone = runtime.Distributed()
+    alone = distributed.Distributed()
     assert alone.place(torch.device("cuda")) == torch.device("cuda")
     assert alone.agree(True) and alone.total([1.0, 2.0]) == [1.0, 2.0]
     assert alone.share("run") == "run"

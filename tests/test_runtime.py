@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from helpers import runtime
+from helpers import distributed, runtime
 
 
 def test_progress_in_logs_is_a_few_lines_with_rate_and_time_left(capsys):
@@ -59,5 +59,5 @@ def test_stop_flag_catches_signals_only_while_watching():
 
 
 def test_a_single_process_agrees_with_itself():
-    one = runtime.Distributed()
+    one = distributed.Distributed()
     assert one.is_main and one.agree(True) and not one.agree(False)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from ..backbones import BACKBONES
 from ..config import TUNED, TrainConfig, recipe_for
-from ..runtime import Distributed, StopFlag, Stopped, UserError, atomic_write_bytes
+from ..distributed import Distributed
+from ..runtime import StopFlag, Stopped, UserError, atomic_write_bytes
 from . import Interrupted
 
 if TYPE_CHECKING:
