@@ -62,3 +62,24 @@ def real_data() -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Caches go to a temporary folder, never to the user's or the data's."""
     monkeypatch.setenv("FLOWERS_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+# In CI (CI=true) a test that could not run is a failure, not a pass: a missing browser, data
+# folder, launcher, npm or root would otherwise leave a green run that proved nothing. Skips
+# stay allowed on a developer's machine, and everywhere for what CI lacks by design: a GPU.
+_SKIPPED_IN_CI: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if (os.environ.get("CI", "").lower() == "true" and report.skipped
+            and not hasattr(report, "wasxfail")):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if "GPU" not in reason:
+            _SKIPPED_IN_CI.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _SKIPPED_IN_CI:
+        print("\nCI=true: these tests were skipped, so the run fails:\n  "
+              + "\n  ".join(_SKIPPED_IN_CI))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
