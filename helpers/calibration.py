@@ -7,6 +7,7 @@ carry them.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -64,10 +65,34 @@ def choose_unsure_threshold(probs: ArrayLike, labels: ArrayLike, *,
     return float(confidence[order][good[-1]])
 
 
+class CalibrationWarning(UserWarning):
+    """Too few held-out images to calibrate: the plain softmax is kept, never unsure."""
+
+
+# Below this many validation images a fitted temperature says more about the few images than
+# about the model: with all of them right, the NLL falls without end as T -> 0 (4 images gave
+# T = 0.05 and "unsure below 0 %"), and a threshold for 99 % right cannot be told from 1 %.
+MIN_CALIBRATION_IMAGES = 30
+
+
 def calibrate(model: Classifier, logits: ArrayLike, labels: ArrayLike, *,
               target_accuracy: float = 0.99) -> dict[str, Any]:
-    """Fit model.temperature and model.unsure_below on valid logits; returns the facts."""
+    """Fit model.temperature and model.unsure_below on valid logits; returns the facts.
+
+    With fewer than MIN_CALIBRATION_IMAGES images, a CalibrationWarning says so and the model
+    keeps temperature 1 and no unsure threshold.
+    """
     raw = softmax(to_numpy(logits).astype(np.float64), axis=1)
+    n = len(to_numpy(labels))
+    if n < MIN_CALIBRATION_IMAGES:
+        warnings.warn(f"only {n} validation image(s): too few to calibrate (it needs "
+                      f"{MIN_CALIBRATION_IMAGES} or more); probabilities stay the plain softmax "
+                      "and no answer is marked unsure; add photos to valid/ or raise "
+                      "--valid_fraction", CalibrationWarning, stacklevel=2)
+        model.temperature, model.unsure_below = 1.0, 0.0
+        return {"temperature": 1.0, "unsure_below": 0.0, "fitted_on": None, "n": n,
+                "skipped": f"{n} validation images; calibration needs "
+                           f"{MIN_CALIBRATION_IMAGES} or more"}
     model.temperature = fit_temperature(logits, labels)
     calibrated = apply_temperature(logits, model.temperature)
     model.unsure_below = choose_unsure_threshold(calibrated, labels,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -16,10 +17,11 @@ import torchvision
 from . import __version__
 from .backbones import BackboneError
 from .model import Classifier, build_model
-from .runtime import UserError, atomic_save, atomic_write
+from .runtime import UserError, atomic_save, atomic_write_bytes
 
-__all__ = ["CheckpointError", "atomic_save", "checkpoint_dict", "load_checkpoint",
-           "read_checkpoint", "read_resume", "resume_belongs", "save_checkpoint"]
+__all__ = ["CheckpointError", "atomic_save", "checkpoint_dict", "encode_checkpoint",
+           "load_checkpoint", "read_checkpoint", "read_resume", "resume_belongs",
+           "save_checkpoint"]
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "head", "state_dict", "class_to_idx", "class_names")
@@ -67,13 +69,24 @@ def save_checkpoint(model: Classifier, path: str | os.PathLike, *, config: Any =
     and everything else as JSON in its metadata.
     """
     ckpt = checkpoint_dict(model, config=config, metrics=metrics)
-    if Path(path).suffix != ".safetensors":
-        return atomic_save(ckpt, path)
+    return atomic_write_bytes(encode_checkpoint(ckpt, suffix=Path(path).suffix), path)
+
+
+def encode_checkpoint(ckpt: dict[str, Any], *, suffix: str = ".pth") -> bytes:
+    """The bytes of a checkpoint file: torch.save's, or safetensors' for a .safetensors suffix.
+
+    Saving goes through bytes so the writer knows the digest of exactly what it wrote (the
+    engine beside a checkpoint is stamped with it, never with a file another run replaced).
+    """
+    if suffix != ".safetensors":
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        return buffer.getvalue()
     from safetensors.torch import save
 
+    ckpt = dict(ckpt)
     weights = {k: v.contiguous() for k, v in ckpt.pop("state_dict").items()}
-    data = save(weights, metadata={"checkpoint": json.dumps(ckpt, default=str)})
-    return atomic_write(path, lambda f: f.write(data))
+    return save(weights, metadata={"checkpoint": json.dumps(ckpt, default=str)})
 
 
 def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, Any]:

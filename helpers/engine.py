@@ -88,11 +88,11 @@ def _fields(data: bytes | memoryview) -> Iterator[tuple[int, bytes | memoryview 
             raise ValueError(f"not an ONNX file (protobuf wire type {kind})")
 
 
-def read_header(path: Path) -> tuple[dict[str, str], list[str]]:
-    """An ONNX file's metadata and input names, read without the onnx package (whose import
-    alone costs most of a one-photo answer): ModelProto field 14 holds the metadata, field 7
-    the graph, whose field 11 lists the inputs."""
-    data = memoryview(path.read_bytes())
+def read_header(source: Path | bytes) -> tuple[dict[str, str], list[str]]:
+    """An ONNX file's (or bytes') metadata and input names, read without the onnx package
+    (whose import alone costs most of a one-photo answer): ModelProto field 14 holds the
+    metadata, field 7 the graph, whose field 11 lists the inputs."""
+    data = memoryview(source if isinstance(source, bytes) else source.read_bytes())
     meta, inputs = {}, []
     for number, value in _fields(data):
         if number == 14:
@@ -102,7 +102,7 @@ def read_header(path: Path) -> tuple[dict[str, str], list[str]]:
             inputs += [bytes(dict(_fields(v)).get(1, b"")).decode()
                        for n, v in _fields(value) if n == 11]
     if not inputs:
-        raise ValueError(f"{path} has no graph inputs")
+        raise ValueError("the ONNX model has no graph inputs")
     return meta, inputs
 
 
@@ -118,9 +118,10 @@ def chosen_runtime() -> str:
     return "onnxruntime"
 
 
-def onnx_session(path: Path, *, runtime: str,
+def onnx_session(source: Path | bytes, *, runtime: str,
                  threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A batch -> first output function of an ONNX file on the CPU, in fp32: ONNX Runtime
+    """A batch -> first output function of an ONNX file (or its bytes) on the CPU, in fp32:
+    ONNX Runtime
     (every graph optimisation) or OpenVINO (f32, not bf16; the latency hint puts every core
     on one request, where two throughput streams would halve a synchronous call)."""
     if runtime == "openvino":
@@ -130,7 +131,8 @@ def onnx_session(path: Path, *, runtime: str,
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         core = ov.Core()
-        request = core.compile_model(core.read_model(str(path)), "CPU",
+        model = core.read_model(source if isinstance(source, bytes) else str(source))
+        request = core.compile_model(model, "CPU",
                                      config).create_infer_request()
 
         def run(batch: np.ndarray) -> np.ndarray:
@@ -144,18 +146,24 @@ def onnx_session(path: Path, *, runtime: str,
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(source if isinstance(source, bytes) else str(source),
+                                   options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {name: batch})[0]
 
 
 class Engine:
-    """An exported classifier with its labels, preprocessing and calibration."""
+    """An exported classifier with its labels, preprocessing and calibration.
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
+    Made from an ONNX file, or from its bytes held in memory (`path` is then None): an engine
+    that could not be saved, in a read-only or full place, still answers.
+    """
+
+    def __init__(self, source: str | os.PathLike | bytes, *, threads: int | None = None,
                  runtime: str | None = None) -> None:
-        self.path = Path(path)
-        meta, inputs = read_header(self.path)
+        self.path = None if isinstance(source, bytes) else Path(source)
+        self.source: Path | bytes = source if isinstance(source, bytes) else Path(source)
+        meta, inputs = read_header(self.source)
         self.class_names: list[str] = json.loads(meta["class_names"])
         self.class_ids: list[str] = json.loads(meta["class_ids"])
         self.mean = tuple(json.loads(meta["mean"]))
@@ -168,7 +176,7 @@ class Engine:
         self.weights_sha256 = meta.get("weights_sha256", "")
         self.input_name = inputs[0]
         self.runtime = runtime or chosen_runtime()
-        self._run = onnx_session(self.path, runtime=self.runtime, threads=threads)
+        self._run = onnx_session(self.source, runtime=self.runtime, threads=threads)
 
     def preprocess(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
         """process_image with this model's size and normalisation."""
@@ -225,9 +233,69 @@ class Engine:
                     yield path, x if isinstance(x, ImageError) else next(scores)
 
 
+def checkpoint_facts(path: str | os.PathLike) -> dict:
+    """A checkpoint's plain values (labels, engine key, ...) read without torch: the pickle
+    inside torch.save's zip with every tensor left out, or a .safetensors file's JSON header.
+    Raises ValueError for anything else."""
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size < 1 << 26 else {}
+        return json.loads(header.get("__metadata__", {}).get("checkpoint", "{}"))
+
+    class Skip:  # stands for every torch object: a tensor, its storage, its type
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    class Facts(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            if module == "collections" and name == "OrderedDict":
+                return dict
+            if module.split(".")[0] == "torch":
+                return Skip
+            raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint's")
+
+        def persistent_load(self, pid: object) -> None:
+            return None
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            import io
+
+            facts = Facts(io.BytesIO(archive.read(name))).load()
+    except (OSError, zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError) as err:
+        raise ValueError(f"{path}: not a checkpoint ({err})") from None
+    if not isinstance(facts, dict):
+        raise ValueError(f"{path}: not a checkpoint")
+    return facts
+
+
+def belongs_to(engine: Engine, checkpoint: str | os.PathLike, *, sha256: str) -> bool:
+    """True when the engine was made from the checkpoint whose bytes have this sha256, and the
+    checkpoint names this engine (its key) and the same classes in the same order."""
+    if not sha256 or engine.checkpoint_sha256 != sha256:
+        return False
+    try:
+        facts = checkpoint_facts(checkpoint)
+    except ValueError:
+        return False
+    mapping = facts.get("class_to_idx")
+    if not isinstance(mapping, dict):
+        return False
+    class_ids = sorted(mapping, key=mapping.get)
+    return (class_ids == engine.class_ids and facts.get("class_names") == engine.class_names
+            and facts.get("engine_key", engine.weights_sha256) == engine.weights_sha256)
+
+
 def open_engine(checkpoint: str | os.PathLike) -> Engine | None:
-    """The engine beside a checkpoint when it exists, loads and was made from these exact
-    bytes; None otherwise (missing, damaged or stale: the caller rebuilds it)."""
+    """The engine beside a checkpoint when it exists, loads and belongs to it (made from these
+    exact bytes, named by it, the same classes); None otherwise (missing, damaged, stale or
+    another model's: the caller rebuilds it)."""
     path = engine_path(checkpoint)
     if not path.is_file():
         return None
@@ -235,4 +303,4 @@ def open_engine(checkpoint: str | os.PathLike) -> Engine | None:
         engine = Engine(path)
     except Exception:  # damaged in any way ONNX Runtime can fail: rebuilt, never trusted
         return None
-    return engine if engine.checkpoint_sha256 == file_sha256(checkpoint) else None
+    return engine if belongs_to(engine, checkpoint, sha256=file_sha256(checkpoint)) else None

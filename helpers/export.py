@@ -77,6 +77,13 @@ def export_onnx(model: Classifier, path: str | os.PathLike, *, output: str = "pr
     The graph returns calibrated probabilities, or raw logits with output="logits" (the
     prediction engine applies the temperature itself).
     """
+    return atomic_write_bytes(onnx_proto(model, output=output, extra=extra)
+                              .SerializeToString(), path)
+
+
+def onnx_proto(model: Classifier, *, output: str = "probabilities",
+               extra: dict[str, str] | None = None):
+    """The model as an ONNX ModelProto with its metadata (see export_onnx), in memory."""
     import onnx
 
     size = model.spec.input_size
@@ -84,7 +91,9 @@ def export_onnx(model: Classifier, path: str | os.PathLike, *, output: str = "pr
     wrapper = Probabilities(module) if output == "probabilities" else module
     proto = onnx.load_from_string(onnx_bytes(wrapper, torch.zeros(2, 3, size, size),
                                              output=output))
-    return save_with_metadata(proto, path, metadata(model) | {"output": output} | (extra or {}))
+    for key, value in (metadata(model) | {"output": output} | (extra or {})).items():
+        proto.metadata_props.add(key=key, value=value)
+    return proto
 
 
 def one_image_onnx(model: Classifier, onnx_path: str | os.PathLike, *,

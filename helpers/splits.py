@@ -25,6 +25,7 @@ from .data import (
     train_transform,
     warn_link_loops,
 )
+from .images import is_image_file
 
 # A fifth of the photos for validation and a fifth for testing, as in the usual 60/20/20 split:
 # transfer learning needs few training photos, while an accuracy measured on fewer held-out
@@ -45,6 +46,10 @@ class ImbalanceWarning(DataWarning):
 
 class DuplicateImageWarning(DataWarning):
     """The same photo (the same bytes) is in training and in a held-out split."""
+
+
+class LabelConflictWarning(DataWarning):
+    """The same photo (the same bytes) is filed under two or more classes."""
 
 
 @dataclass
@@ -152,9 +157,16 @@ def _check_classes(folders: dict[str, PhotoFolder]) -> None:
 
 
 def _warn_about(folders: dict[str, PhotoFolder], small: list[int],
-                leaks: list[tuple[str, str]]) -> None:
-    """Warnings for tiny classes, strong imbalance, and photos both in train and held out."""
+                leaks: list[tuple[str, str]], conflicts: list[tuple[str, ...]]) -> None:
+    """Warnings for tiny classes, strong imbalance, photos both in train and held out, and
+    photos filed under two classes."""
     classes = folders["train"].classes
+    if conflicts:
+        head = "the same photo is" if len(conflicts) == 1 else f"{len(conflicts)} photos are"
+        warnings.warn(f"{head} filed under two or more classes (same bytes), e.g. "
+                      f"{' and '.join(conflicts[0])}; keep each photo in its one right class "
+                      f"(python -m helpers doctor DATA lists them all)", LabelConflictWarning,
+                      stacklevel=3)
     if small:
         listed = ", ".join(classes[c] for c in small[:5]) + (" ..." if len(small) > 5 else "")
         warnings.warn(f"too few images to hold any out of class(es) {listed}: kept for training "
@@ -175,7 +187,10 @@ def _warn_about(folders: dict[str, PhotoFolder], small: list[int],
 
 def _split_folders(root: Path, spec: Backbone) -> tuple[dict[str, PhotoFolder], str]:
     """The split folders under root (root itself as train/ when it has none), and what was found."""
-    given = [split for split in SPLITS if (root / split).is_dir()]
+    # A split folder holds class folders; a folder named train/ that holds photos itself is
+    # a class of a flat folder (a flower called "test" is a class, not a split).
+    given = [split for split in SPLITS if (root / split).is_dir()
+             and not _holds_photos(root / split)]
     if given and "train" not in given:
         raise DataError(f"{root}: {'/, '.join(given)}/ but no train/ folder; add train/ with "
                         "one folder of images per class")
@@ -185,6 +200,32 @@ def _split_folders(root: Path, spec: Backbone) -> tuple[dict[str, PhotoFolder], 
     folders = {split: _open_folder(root / split, None if split == "train" else
                                    eval_transform(spec)) for split in given}
     return folders, "found " + ", ".join(f"{s}/ ({len(ds)} images)" for s, ds in folders.items())
+
+
+def _holds_photos(folder: Path) -> bool:
+    """True when image files lie directly in the folder (a class folder, not a split)."""
+    return any(is_image_file(p) for p in folder.iterdir() if p.is_file())
+
+
+def _check_links(folders: dict[str, PhotoFolder]) -> None:
+    """Refuse a class folder that is a link to another class folder of the same split: the
+    same photos would be learned as two classes."""
+    for ds in folders.values():
+        seen: dict[str, str] = {}
+        for name in ds.classes:
+            real = os.path.realpath(os.path.join(ds.root, name))
+            if real in seen:
+                raise DataError(f"{os.path.join(ds.root, name)}: the same folder as class "
+                                f"{seen[real]} (a link); its photos would be two classes: "
+                                "remove the link or make it a real folder of other photos")
+            seen[real] = name
+
+
+def _conflicts(groups: list[list[int]], paths: list[str],
+               labels: list[int]) -> list[tuple[str, ...]]:
+    """The copies of each group of identical files filed under more than one class."""
+    return [tuple(sorted(paths[i] for i in group)) for group in groups
+            if len({labels[i] for i in group}) > 1]
 
 
 def _leaks(groups: list[list[int]], paths: list[str], where: list[str]) -> list[tuple[str, str]]:
@@ -219,6 +260,7 @@ def load_data(root: str | os.PathLike, spec: Backbone, *, valid_fraction: float 
         if bad := drop_bad_images(ds):
             messages.append(f"left out {len(bad)} unreadable image(s) of {ds.root}")
     _check_classes(folders)
+    _check_links(folders)
 
     pool = folders["train"]  # train/, or root itself: the photos the missing splits come from
     fractions = {split: fraction for split, fraction in (("valid", valid_fraction),
@@ -241,7 +283,8 @@ def load_data(root: str | os.PathLike, spec: Backbone, *, valid_fraction: float 
             messages.append(f"no {split}/ folder: {len(samples)} of {len(pool)} images held out "
                             f"for {PURPOSE[split]}")
     where = sides + [split for split, ds in folders.items() if split != "train" for _ in ds.samples]
-    _warn_about(folders, small, _leaks(groups, paths, where))
+    labels = [label for ds in folders.values() for label in ds.targets]
+    _warn_about(folders, small, _leaks(groups, paths, where), _conflicts(groups, paths, labels))
     names, source = choose_names(pool.class_to_idx, root=root, names_file=names_file)
     return DataSplits(root=root, sets=sets, class_to_idx=dict(pool.class_to_idx), names=names,
                       held_out=held_out, messages=[*messages, source])

@@ -7,18 +7,26 @@ and the command lines use it without importing torch.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
-from .runtime import atomic_write_bytes, file_sha256
+from .runtime import UserError, atomic_write_bytes, file_sha256
 
 
 def cache_dir() -> Path:
     """The cache folder: $FLOWERS_CACHE when set, else the user's cache directory."""
     if os.environ.get("FLOWERS_CACHE"):
-        return Path(os.environ["FLOWERS_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "flower-classifier"
+        folder = Path(os.environ["FLOWERS_CACHE"])
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        folder = Path(base) / "flower-classifier"
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: the cache folder is a file; set FLOWERS_CACHE to a folder")
+    return folder
 
 
 def runtime_choice() -> Path:
@@ -45,6 +53,44 @@ def is_intact(path: str | os.PathLike) -> bool:
             return True
     except OSError:
         pass
-    path.unlink(missing_ok=True)
-    _sidecar(path).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # a read-only cache: the caller builds it elsewhere
+        path.unlink(missing_ok=True)
+        _sidecar(path).unlink(missing_ok=True)
     return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, *, option: str) -> Iterator[Path]:
+    """Hold FOLDER/.lock for the block: one run saves into a folder at a time.
+
+    A second run fails at once in one line naming the first one's pid. The kernel releases the
+    lock when its process ends in any way (a crash or a kill included), so a lock left behind
+    by a dead run is taken over, never waited for.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").split()
+            os.close(fd)
+            pid = f" (pid {holder[0]})" if holder else ""
+            raise UserError(f"{folder}: another run{pid} is saving into this folder; wait for "
+                            f"it to finish or choose another {option}") from None
+        try:  # the file may have been removed by a holder that just finished: lock the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)

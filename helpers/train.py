@@ -16,6 +16,7 @@ so every rank keeps the same best epoch without a broadcast); rank 0 alone logs 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 import time
@@ -82,6 +83,11 @@ class _Position:
     batches: int = 0
 
 
+def _rank(top1: float, loss: float) -> tuple[float, float]:
+    """How good an epoch is: valid top-1, ties broken by the lower valid loss."""
+    return top1, (-loss if math.isfinite(loss) else -math.inf)
+
+
 class _Run:
     """The state of one fit(): position, history, best epoch, and what to save to resume."""
 
@@ -89,7 +95,7 @@ class _Run:
         self.plan, self.state_path, self.dist = plan, state_path, dist
         self.at = _Position()
         self.history: list[dict[str, Any]] = []
-        self.best_top1, self.best_state = -1.0, None
+        self.best_top1, self.best_loss, self.best_state = -1.0, math.inf, None
         self.start = time.perf_counter()
 
     def state(self) -> dict[str, Any]:
@@ -99,6 +105,7 @@ class _Run:
         return {"kind": "resume", "identity": self.plan.identity,
                 "phase": self.at.phase, "epoch": self.at.epoch, "batches_done": self.at.batches,
                 "history": self.history, "best_top1": self.best_top1,
+                "best_loss": self.best_loss,
                 "best_state": self.best_state, "model": self.plan.model.state_dict(),
                 "optimizer": phase.optimizer.state_dict(),
                 "scheduler": phase.scheduler.state_dict() if phase.scheduler else None,
@@ -118,6 +125,7 @@ class _Run:
         self.at = _Position(state["phase"], state["epoch"], state["batches_done"])
         self.history = list(state["history"])
         self.best_top1, self.best_state = state["best_top1"], state["best_state"]
+        self.best_loss = state.get("best_loss", math.inf)
         self.plan.model.load_state_dict(state["model"])
         if self.at.phase < len(self.plan.phases):
             phase = self.plan.phases[self.at.phase]
@@ -148,8 +156,9 @@ class _Run:
                       f"{row['valid_top1']:.1%}" if self.plan.validate is not None else "")
             log(f"{phase.name}{count}: train loss {row['train_loss']:.3f}{judged}  "
                 f"({row['seconds']:.0f} s)")
-        if self.plan.validate is not None and valid["top1"] > self.best_top1:
-            self.best_top1 = valid["top1"]
+        if self.plan.validate is not None and (_rank(valid["top1"], valid["loss"])
+                                               > _rank(self.best_top1, self.best_loss)):
+            self.best_top1, self.best_loss = valid["top1"], valid["loss"]
             self.best_state = copy.deepcopy(self.plan.model.state_dict())
 
     def finish(self) -> list[dict[str, Any]]:
@@ -159,8 +168,8 @@ class _Run:
         if self.plan.validate is None:  # nothing to choose by: the last epoch is kept
             best = len(self.history) - 1
         else:
-            best = max(range(len(self.history)), key=lambda i: self.history[i]["valid_top1"],
-                       default=None)
+            best = max(range(len(self.history)), default=None, key=lambda i: _rank(
+                self.history[i]["valid_top1"], self.history[i]["valid_loss"]))
         for i, row in enumerate(self.history):  # the first of equal bests is the one kept
             row["kept"] = i == best
         return self.history
@@ -178,7 +187,14 @@ def fit(plan: Plan, device: torch.device, *, log: Callable[[str], None] | None =
     epoch (`phase`, `epoch` counted over the plan, losses and accuracies, `kept`).
     """
     run = _Run(plan, Path(state_path) if state_path else None, dist or Distributed())
-    stop = stop or StopFlag()
+    with run.dist.guard(run.state_path):  # a lost process: PeerLost, a Stopped, not a traceback
+        return _fit(run, device, log=log, resume=resume, stop=stop or StopFlag())
+
+
+def _fit(run: _Run, device: torch.device, *, log: Callable[[str], None] | None,
+         resume: dict[str, Any] | None, stop: StopFlag) -> list[dict[str, Any]]:
+    """fit's phases and epochs."""
+    plan = run.plan
     plan.model.to(device)
     if resume is not None:
         run.restore(resume)

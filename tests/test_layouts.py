@@ -265,3 +265,37 @@ def test_a_class_folder_linking_back_to_the_root_is_a_loop_not_a_class(tmp_path)
     loaders = data.make_loaders(result.sets, batch_size=4, num_workers=2)
     batch, labels = next(iter(loaders["train"]))  # carved sets travel to worker processes
     assert batch.shape[1:] == (3, 224, 224) and set(labels.tolist()) <= {0, 1, 2}
+
+
+def test_a_class_folder_linked_to_another_class_is_refused(tmp_path):
+    root = _plain(tmp_path / "photos", per_class=6)
+    (root / "zinnia").symlink_to(root / "rose")  # a fourth "class" of the rose photos
+    with pytest.raises(data.DataError, match=r"zinnia: the same folder as class rose \(a link\)"):
+        splits.load_data(root, LITE0)
+    elsewhere = tmp_path / "lilies"  # a link to a folder of other photos is a class as any
+    _photos(elsewhere, 6, cls=3)
+    (root / "zinnia").unlink()
+    (root / "zinnia").symlink_to(elsewhere)
+    assert _load(root).sets["train"].classes == [*CLASSES, "zinnia"]
+
+
+def test_the_same_photo_under_two_classes_is_reported(tmp_path):
+    root = _plain(tmp_path / "photos", per_class=8)
+    shutil.copy(root / "daisy" / "img_2.jpg", root / "tulip" / "stray.jpg")
+    with pytest.warns(splits.LabelConflictWarning,
+                      match=r"same photo is filed under two or more classes.*daisy/img_2\.jpg "
+                            r"and tulip/stray\.jpg"):
+        splits.load_data(root, LITE0)
+    given = make_image_folder(tmp_path / "given", CLASSES, per_class=4)
+    shutil.copy(given / "valid" / "rose" / "img_1.jpg", given / "valid" / "tulip" / "x.jpg")
+    with pytest.warns(splits.LabelConflictWarning, match="valid/rose/img_1.jpg and valid/tulip"):
+        splits.load_data(given, LITE0)
+
+
+@pytest.mark.parametrize("name", ["train", "valid", "test"])
+def test_a_class_named_like_a_split_in_a_flat_folder_is_a_class(tmp_path, name):
+    root = _plain(tmp_path / "photos", per_class=10, classes=["daisy", name, "tulip"])
+    result = _load(root)
+    assert result.sets["train"].classes == sorted(["daisy", name, "tulip"])
+    assert set(result.sets) == {"train", "valid", "test"}
+    assert sum(len(ds) for ds in result.sets.values()) == 30

@@ -146,3 +146,24 @@ def test_stop_flag_ends_at_a_batch_boundary_and_saves(tiny_folder, tmp_path):
 def test_get_device_falls_back_to_cpu():
     assert runtime.get_device(gpu=False).type == "cpu"
     assert runtime.get_device().type in {"cuda", "mps", "cpu"}
+
+
+def test_a_tie_in_valid_top1_is_broken_by_the_lower_valid_loss(tiny_folder):
+    """Equal top-1 on valid (as happens on few images): the epoch with the lower valid loss
+    is kept, not the first one (the linear probe used to win every tie)."""
+    _, _, clf, plan = _course(tiny_folder, epochs=3)
+    judged = iter([{"loss": 0.144, "top1": 1.0, "top5": 1.0},
+                   {"loss": 0.057, "top1": 1.0, "top5": 1.0},
+                   {"loss": 0.090, "top1": 1.0, "top5": 1.0}])
+    plan.validate = lambda: next(judged)
+    kept_weights = {}
+    real_validate = plan.validate
+
+    def remember():
+        kept_weights[len(kept_weights)] = {k: v.clone() for k, v in clf.state_dict().items()}
+        return real_validate()
+
+    plan.validate = remember
+    history = train.fit(plan, torch.device("cpu"), log=None)
+    assert [r["kept"] for r in history] == [False, True, False]
+    assert all(torch.equal(v, kept_weights[1][k]) for k, v in clf.state_dict().items())

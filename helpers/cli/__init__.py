@@ -13,12 +13,14 @@ import errno
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from ..runtime import Stopped, UserError
 
 # The OS errors a user causes: a missing file, no permission, a full disk or quota.
 USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+READ_ONLY = (errno.EROFS,)
 
 
 class Interrupted(UserError):
@@ -27,11 +29,11 @@ class Interrupted(UserError):
 
 def build_parser(prog: str = "python -m helpers") -> argparse.ArgumentParser:
     """The argument parser of `python -m helpers`, its commands from the command modules."""
-    from . import artefacts, inference, training
+    from . import artefacts, doctor, inference, training
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (training, inference, artefacts):
+    for module in (training, inference, artefacts, doctor):
         module.add_commands(sub)
     return parser
 
@@ -40,7 +42,7 @@ def _is_user_error(err: BaseException) -> bool:
     """True for the project's own error types and the OS errors a user causes."""
     if isinstance(err, (UserError, *USER_OS_ERRORS)):
         return True
-    return isinstance(err, OSError) and err.errno in FULL_DISK
+    return isinstance(err, OSError) and err.errno in FULL_DISK + READ_ONLY
 
 
 def _one_line(err: BaseException) -> str:
@@ -48,7 +50,22 @@ def _one_line(err: BaseException) -> str:
     text = str(err).strip()
     if isinstance(err, OSError) and err.filename and err.strerror:
         text = f"{err.filename}: {err.strerror.lower()}"
+        if err.errno in READ_ONLY + (errno.EACCES,):
+            text += f"; {_where_instead(err.filename)}"
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _where_instead(filename: str) -> str:
+    """What to do about a place that cannot be written: the cache has its own variable."""
+    from ..storage import cache_dir
+
+    try:
+        in_cache = Path(filename).resolve().is_relative_to(cache_dir().resolve())
+    except (OSError, UserError):
+        in_cache = False
+    if in_cache:
+        return "the cache folder cannot be written: set FLOWERS_CACHE to a writable folder"
+    return "choose a writable folder (--save_dir, --out)"
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:

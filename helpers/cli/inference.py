@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..engine import Engine, open_engine
 from ..images import ImageError, is_image_file
-from ..runtime import UserError
+from ..runtime import UserError, file_sha256
 
 
 def load_engine(checkpoint: str, *, gpu: bool = False) -> Engine:
@@ -27,9 +27,13 @@ def load_engine(checkpoint: str, *, gpu: bool = False) -> Engine:
         from ..checkpoint import load_checkpoint
         from ..inference import write_engine
 
+        digest = file_sha256(path)
         model, _ = load_checkpoint(path)  # a damaged checkpoint fails here, in one line
+        if file_sha256(path) != digest:
+            raise UserError(f"{path} was replaced while it was read (is a training run saving "
+                            "there?); run the command again when it has finished")
         print(f"preparing the prediction engine of {path} (once)", file=sys.stderr)
-        engine = Engine(write_engine(model, path))
+        engine = write_engine(model, path, checkpoint_sha256=digest)
     if gpu:
         print("warning: --gpu: predictions run on the CPU with ONNX Runtime (a few ms a "
               "photo)", file=sys.stderr)

@@ -193,9 +193,51 @@ def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, devic
     return None.
     """
     dist = dist or Distributed()
-    check_writable(out, "--save_dir" if "train" in again else "--out")
+    option = "--save_dir" if "train" in again else "--out"
+    check_resume_options(args)
     config = config_from(args, device_type=device.type)
     check_config(config)
+    with saving_into(out, option=option, dist=dist):
+        return _train(args, config, data_root=data_root, out=out, device=device, again=again,
+                      dist=dist)
+
+
+def check_resume_options(args: argparse.Namespace) -> None:
+    """Refuse, before any work, settings typed with --resume: a resumed run is the saved run,
+    continued bit for bit (its schedule was planned for its own epochs)."""
+    if not getattr(args, "resume", None):
+        return
+    typed = [f"--{name}" for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)]
+    typed += ["--fp32"] if args.fp32 else []
+    typed += ["--no_augment"] if hasattr(args, "augment") else []
+    if typed:
+        raise UserError(f"--resume continues the run with its saved settings; {', '.join(typed)} "
+                        "cannot change them: drop them, or start a new run without --resume")
+
+
+@contextlib.contextmanager
+def saving_into(out: Path, *, option: str, dist: Distributed) -> Iterator[None]:
+    """The block holds the save folder (storage.folder_lock, taken by rank 0): a second run
+    into it fails at once in one line, on every rank."""
+    from ..storage import folder_lock
+
+    check_writable(out, option)
+    with contextlib.ExitStack() as held:
+        refused = ""
+        if dist.is_main:
+            try:
+                held.enter_context(folder_lock(out, option=option))
+            except UserError as err:
+                refused = str(err)
+        refused = dist.share(refused)
+        if refused:
+            raise UserError(refused)
+        yield
+
+
+def _train(args: argparse.Namespace, config: TrainConfig, *, data_root: Path, out: Path, device,
+           again: str, dist: Distributed) -> dict | None:
+    """train_command's work, in the held save folder."""
     from .. import checkpoint, model, recipes, splits
 
     start = time.perf_counter()
@@ -238,7 +280,8 @@ def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, devic
                 "timings": trained.timings}
     if args.final:
         clf, metrics = _final(clf, found, config, device, out=out, first=metrics,
-                              history=trained.history, dist=dist)
+                              history=trained.history, dist=dist,
+                              again=f"{again} --resume {state} --final")
     if not dist.is_main:
         return None
     metrics["seconds"] = time.perf_counter() - start
@@ -264,6 +307,8 @@ def _run(clf, sets: dict, config: TrainConfig, device, *, state: Path | None, re
     except Stopped as err:
         if state is not None and checkpoint.resume_belongs(state, identity["run_id"]):
             raise Interrupted(f"{err}; resume with: {again} --resume {state}") from None
+        if state is None and again:  # a run without a state of its own: `again` says what to do
+            raise Interrupted(f"{err}; {again}") from None
         raise Interrupted(f"{err}, before the first save; nothing to resume") from None
 
 
@@ -277,7 +322,9 @@ def _report(clf, sets: dict, trained) -> dict:
             metrics[split] = m = evaluate_model(clf, sets[split].samples)
             print(f"{split}: top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  ({m['n']} images)")
     c = trained.calibration
-    if c:
+    if c and c.get("skipped"):
+        print(f"not calibrated ({c['skipped']}): temperature 1, never unsure")
+    elif c:
         print(f"calibrated on valid: temperature {c['temperature']:.2f}, ECE "
               f"{c['ece_before']:.1%} -> {c['ece_after']:.1%}, unsure below "
               f"{c['unsure_below']:.0%}")
@@ -285,9 +332,12 @@ def _report(clf, sets: dict, trained) -> dict:
 
 
 def _final(first_model, found, config: TrainConfig, device, *, out: Path, first: dict,
-           history: list[dict], dist: Distributed) -> tuple:
+           history: list[dict], dist: Distributed, again: str) -> tuple:
     """A final model trained on train+valid with the first run's choices (epochs, temperature,
-    unsure threshold); its test figures checked, and which run gave which figure recorded."""
+    unsure threshold); its test figures checked, and which run gave which figure recorded.
+
+    `again` resumes it: the first run's finished state, then the final model from its start.
+    """
     from .. import recipes
     from ..evaluate import expected_calibration_error, topk_accuracy
     from ..inference import logits_of
@@ -297,8 +347,9 @@ def _final(first_model, found, config: TrainConfig, device, *, out: Path, first:
     print(f"final model: train+valid ({len(sets['train'])} images), {final_config.epochs} epoch(s) "
           "as chosen on valid; temperature and threshold from the first run")
     final = recipes.new_model(sets, final_config, names=list(first_model.class_names))
-    _run(final, sets, final_config, device, state=None, resume=None, again="",
-         identity={"run_id": uuid.uuid4().hex, "final": True}, dist=dist)
+    _run(final, sets, final_config, device, state=None, resume=None, dist=dist,
+         again=f"the first run is saved; train the final model again with: {again}",
+         identity={"run_id": uuid.uuid4().hex, "final": True})
     final.temperature, final.unsure_below = first_model.temperature, first_model.unsure_below
     metrics = {"first_run": {k: first[k] for k in ("valid", "test", "calibration") if k in first},
                "final": {"trained_on": "train+valid", "epochs": final_config.epochs,
@@ -366,6 +417,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", default="course", choices=["course", "flowers102"],
                    help="where to download the data from when it is missing")
     p.add_argument("--out", default="build/main", help="output folder (default %(default)s)")
+    p.add_argument("--resume", help="continue an interrupted run from its last.pth (the "
+                                    "saved settings are used)")
     add_train_options(p)
     p.set_defaults(func=cmd_pipeline)
 
