@@ -42,7 +42,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_train_script_trains_and_saves(folder, tmp_path):
+def test_train_script_trains_and_saves(tmp_path):
+    folder = make_image_folder(tmp_path / "flowers", CLASSES, per_class=10)  # 30 to calibrate
     done = run("train.py", str(folder), "--save_dir", str(tmp_path / "out"), "--epochs", "1",
                "--batch_size", "6", "--seed", "1", "--hidden_units", "8",
                "--arch", "test_efficientnet")
