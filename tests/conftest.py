@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny synthetic ImageFolders and the location of the real data."""
+"""Shared fixtures: tiny synthetic ImageFolders, the location of the real data and of a
+browser, and a home of its own for the whole run (nothing is written to the user's)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +61,109 @@ def real_data() -> Path:
     return REAL_DATA
 
 
+def chromium() -> Path:
+    """The Chromium (or Chrome) the browser tests drive: the first of chromium,
+    chromium-browser, google-chrome, google-chrome-stable on PATH; $CHROMIUM overrides. A
+    skip names what was looked for (in CI a skip fails the run)."""
+    if os.environ.get("CHROMIUM"):
+        path = Path(os.environ["CHROMIUM"])
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            pytest.skip(f"browser not found: $CHROMIUM={path} is not an executable file")
+        return path
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    pytest.skip(f"browser not found: none of {', '.join(CHROMIUM_NAMES)} is on PATH "
+                "(apt-get install chromium, or set CHROMIUM=/path/to/chrome)")
+
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-quic"]
+
+
+# A home of the run's own: caches, configuration and telemetry that libraries write under the
+# user's home (matplotlib's font list, Jupyter's runtime files, IPython's profile, torch hub,
+# OpenVINO's ~/intel, XDG folders) go to a temporary folder removed at the end. npm keeps the
+# user's cache and settings: its cache holds the packages the app build installs offline.
+# Set in pytest_configure, before any test module imports matplotlib or runs a process.
+_HOME_VARS = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME",
+              "XDG_RUNTIME_DIR", "MPLCONFIGDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR",
+              "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "TORCH_HOME", "HF_HOME", "FLOWERS_CACHE",
+              "npm_config_cache", "npm_config_userconfig")
+_saved_env: dict[str, str | None] = {}
+_run_home: Path | None = None
+USER_HOME = Path(os.path.expanduser("~"))
+# The user's own flowers cache, as the package would find it outside the tests.
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or USER_HOME / ".cache") / "flower-classifier"
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`: (size, mtime in ns), to tell whether anything wrote there."""
+    found = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = Path(dirpath, name)
+            try:
+                stat = path.lstat()
+            except OSError:
+                continue
+            found[str(path.relative_to(folder))] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+_user_cache_before: dict[str, tuple[int, int]] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _run_home
+    _user_cache_before.update(_snapshot(USER_CACHE))
+    _run_home = Path(tempfile.mkdtemp(prefix="flowers-tests-home-"))
+    values = {"HOME": _run_home, "XDG_CACHE_HOME": _run_home / ".cache",
+              "XDG_CONFIG_HOME": _run_home / ".config",
+              "XDG_DATA_HOME": _run_home / ".local" / "share",
+              "XDG_STATE_HOME": _run_home / ".local" / "state",
+              "XDG_RUNTIME_DIR": _run_home / "run",
+              "MPLCONFIGDIR": _run_home / ".config" / "matplotlib",
+              "JUPYTER_CONFIG_DIR": _run_home / ".jupyter",
+              "JUPYTER_DATA_DIR": _run_home / ".local" / "share" / "jupyter",
+              "JUPYTER_RUNTIME_DIR": _run_home / ".local" / "share" / "jupyter" / "runtime",
+              "IPYTHONDIR": _run_home / ".ipython", "TORCH_HOME": _run_home / ".cache" / "torch",
+              "HF_HOME": _run_home / ".cache" / "huggingface",
+              "FLOWERS_CACHE": _run_home / ".cache" / "flower-classifier"}
+    # npm: the user's cache (the offline packages) and settings, wherever HOME points.
+    npm_cache = Path(os.environ.get("npm_config_cache") or USER_HOME / ".npm")
+    npm_rc = Path(os.environ.get("npm_config_userconfig") or USER_HOME / ".npmrc")
+    values["npm_config_cache"] = npm_cache
+    if npm_rc.is_file():
+        values["npm_config_userconfig"] = npm_rc
+    for name in _HOME_VARS:
+        _saved_env[name] = os.environ.get(name)
+        if name in values:
+            os.environ[name] = str(values[name])
+    (_run_home / "run").mkdir(mode=0o700)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for name, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if _run_home is not None:
+        shutil.rmtree(_run_home, ignore_errors=True)
+
+
+def isolated_env(**extra: str) -> dict[str, str]:
+    """A minimal environment for a child process that still writes nothing to the user's
+    home: PATH, the run's HOME and cache variables, plus `extra`."""
+    env = {"PATH": "/usr/bin:/bin"}
+    env |= {k: os.environ[k] for k in _HOME_VARS if k in os.environ}
+    return env | extra
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Caches go to a temporary folder, never to the user's or the data's."""
@@ -79,6 +185,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    changed = _user_cache_before != _snapshot(USER_CACHE)
+    if changed:  # something bypassed FLOWERS_CACHE and HOME: a test that must be fixed
+        before, after = set(_user_cache_before.items()), set(_snapshot(USER_CACHE).items())
+        names = sorted({n for n, _ in before ^ after})
+        print(f"\nthe user's cache {USER_CACHE} changed during the run (a test or a process it "
+              f"started bypassed FLOWERS_CACHE/HOME), so the run fails: {names[:10]}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if _SKIPPED_IN_CI:
         print("\nCI=true: these tests were skipped, so the run fails:\n  "
               + "\n  ".join(_SKIPPED_IN_CI))

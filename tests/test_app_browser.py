@@ -24,16 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REAL_DATA, ROOT
+from conftest import CHROMIUM_ARGS, REAL_DATA, ROOT, chromium
 from helpers import webapp
 from helpers.predict import process_image
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]
 PHONE = {"width": 390, "height": 844}
 CLASSES = 10
 PHOTOS = 24
@@ -101,8 +97,7 @@ def app(tmp_path_factory):
     APP_TEST_CHECKPOINT=path/to/checkpoint.pth tests that checkpoint instead of training
     one (calibrated on the real training photos, shown the real test photos of its classes).
     """
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
+    chromium()  # each test asks again, for the path; here, to skip before training
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip)")
     if shutil.which("npm") is None:
         pytest.skip("npm not found: the app build installs onnxruntime-web with it")
@@ -184,7 +179,7 @@ def test_app_names_real_photos_like_python(app):
     attempts: list[str] = []
     rows = []
     with served(OUT) as (url, _), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=str(chromium()), args=CHROMIUM_ARGS)
         # The service worker would answer requests where page.route cannot see them.
         context = browser.new_context(viewport=PHONE, service_workers="block")
         context.route("**/*", _guard(attempts))
@@ -277,7 +272,7 @@ def test_app_reads_phone_photos_upright(app, tmp_path):
     rgba.putalpha(alpha)
     rgba.save(clear)
     with served(OUT) as (url, _), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=str(chromium()), args=CHROMIUM_ARGS)
         page = browser.new_context(viewport=PHONE, service_workers="block").new_page()
         try:
             page.goto(url)
@@ -302,7 +297,7 @@ def test_app_works_offline_on_a_phone_screen(app, tmp_path):
     Image.fromarray(load_sample_image("flower.jpg")).save(flower, quality=95)
     attempts: list[str] = []
     with served(OUT) as (url, server), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=str(chromium()), args=CHROMIUM_ARGS)
         context = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True,
                                       has_touch=True)
         context.route("**/*", _guard(attempts))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import ROOT, make_image_folder, synthetic_image
+from conftest import CHROMIUM_ARGS, ROOT, chromium, make_image_folder, synthetic_image
 
 if TYPE_CHECKING:  # playwright is optional: the fixture skips the test without it
     from playwright.sync_api import Page
@@ -28,10 +28,6 @@ if TYPE_CHECKING:  # playwright is optional: the fixture skips the test without 
 pytestmark = pytest.mark.slow
 
 NOTEBOOK = "Image_Classifier_Project.ipynb"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]
 # Every cell in the DOM (no windowing), so the checks below see the whole notebook.
 SETTINGS = {"@jupyterlab/notebook-extension/tracker": {"autoStartDefaultKernel": True,
                                                        "windowingMode": "none"},
@@ -72,10 +68,10 @@ def _wait_for_http(url: str, server: subprocess.Popen, log: Path, timeout: float
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[str]:
-    """A JupyterLab server on loopback over a copy of the notebook and synthetic data: its URL."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
+def lab(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A JupyterLab server on loopback over a copy of the notebook and synthetic data: its URL,
+    and the browser to open it in."""
+    browser = chromium()
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip)")
     flowers = make_image_folder(tmp_path / "flowers", ["1", "2", "10"], per_class=4)
     nb_dir = tmp_path / "lab"
@@ -109,7 +105,7 @@ def lab(tmp_path: Path) -> Iterator[str]:
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_for_http(f"{url}/api", server, log)
-        yield url
+        yield url, browser
     finally:
         server.terminate()
         try:
@@ -154,13 +150,15 @@ def _try_your_photo(page: Page, tmp_path: Path) -> None:
     verdict.first.wait_for(timeout=30_000)
 
 
-def test_notebook_runs_in_jupyterlab_and_draws_charts(lab: str, tmp_path: Path) -> None:
+def test_notebook_runs_in_jupyterlab_and_draws_charts(lab: tuple[str, Path],
+                                                      tmp_path: Path) -> None:
     """Run > Run All Cells in headless Chromium: every cell runs, none fails, charts appear."""
     from playwright.sync_api import sync_playwright
 
+    lab, executable = lab
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1600})
         try:
             page.goto(f"{lab}/lab/tree/{NOTEBOOK}", timeout=120_000)

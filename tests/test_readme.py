@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, isolated_env, make_image_folder
 from helpers import inference, model
 
 README = ROOT / "README.md"
@@ -71,7 +71,6 @@ def test_each_command_line_runs_as_written(line, tiny, tmp_path):
             .replace(DATA, str(tiny["data"]))
             .replace("build/main/", f"{tiny['out']}/"))
     done = subprocess.run(line, shell=True, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={"PATH": "/usr/bin:/bin",
-                                            "PYTHONPATH": str(ROOT),
-                                            "FLOWERS_CACHE": str(tmp_path / "cache")})
+                          timeout=300, env=isolated_env(PYTHONPATH=str(ROOT),
+                                                         FLOWERS_CACHE=str(tmp_path / "cache")))
     assert done.returncode == 0, f"{line}\n{done.stderr}"
