@@ -34,60 +34,28 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import (  # noqa: E402
-    backbones,
-    checkpoint,
-    data,
-    evaluate,
-    recipes,
-    runtime,
-    splits,
-    storage,
-)
-from helpers.config import TrainConfig  # noqa: E402
+from helpers import checkpoint, data, run, runtime, storage  # noqa: E402
 
 
 def run_one(recipe: str, seed: int, data_root: Path, quick: bool, *, final: bool = False,
             save: Path | None = None) -> dict:
-    """Train one recipe from raw images; return its history, phases, accuracy and memory."""
-    if recipe == "course":
-        config = TrainConfig.course(seed=seed, epochs=1 if quick else 5)
-    else:
-        config = TrainConfig(seed=seed, **({"epochs": 2, "probe_epochs": 5} if quick else {}))
-    device = torch.device("cpu")
-    start = time.perf_counter()
-    found = splits.load_data(data_root, backbones.get_backbone(config.arch))
-    quick_keeps = {"epochs", "probe_epochs"} if quick else ()
-    config = recipes.for_data(config, found.sets, device, keep=quick_keeps)  # as train.py does
-    clf = recipes.new_model(found.sets, config, names=found.names)
-    trained = recipes.run_recipe(clf, found.sets, config, device, log=None)
-    phases = dict(trained.timings)
-    done = time.perf_counter()
-    result = {split: evaluate.evaluate_model(clf, found.sets[split].samples)
-              for split in ("valid", "test")}
-    phases["evaluate"] = time.perf_counter() - done
-    first = {"valid": result["valid"], "test": result["test"]}
-    if final:
-        tic = time.perf_counter()
-        final_config = recipes.final_config(config, trained.history)
-        merged = recipes.all_labelled(found.sets)
-        temperature, unsure = clf.temperature, clf.unsure_below
-        clf = recipes.new_model(merged, final_config, names=found.names)
-        recipes.run_recipe(clf, merged, final_config, device, log=None)
-        clf.temperature, clf.unsure_below = temperature, unsure
-        result["test"] = evaluate.evaluate_model(clf, found.sets["test"].samples)
-        phases["final"] = time.perf_counter() - tic
-    if save:
-        checkpoint.save_checkpoint(clf, save, config=config, metrics=result)
-    phases["total"] = time.perf_counter() - start
+    """Train one recipe from raw images as train.py does (helpers.run.run: the same settling,
+    training, figures and saving); return its history, phases, accuracy and memory."""
+    typed = {"seed": seed} | ({"recipe": "course"} if recipe == "course" else {})
+    if quick:
+        typed |= {"epochs": 1} if recipe == "course" else {"epochs": 2, "probe_epochs": 5}
+    done = run.run(data_root, typed=typed, device=torch.device("cpu"), out=save, final=final,
+                   log=None)
+    phases = dict(done.timings)
     chosen = storage.runtime_choice()  # the trunk runtime the cached recipe measured
     trunk = json.loads(chosen.read_text())["runtime"] if chosen.is_file() else "torch"
     # history seconds count from the start of training, after the extraction
-    history = [r | {"seconds": r["seconds"] + phases["extract"]} for r in trained.history]
-    return {"recipe": recipe, "seed": seed, "config": asdict(config), "history": history,
-            "phases": phases, "trunk_runtime": trunk, "valid": result["valid"],
-            "test": result["test"],
-            "first_run": first, "final": final, "train_images": len(found.sets["train"]),
+    history = [r | {"seconds": r["seconds"] + phases.get("extract", 0.0)} for r in done.history]
+    first = done.metrics.get("first_run", {k: done.figures[k] for k in ("valid", "test")})
+    return {"recipe": recipe, "seed": seed, "config": asdict(done.config), "history": history,
+            "phases": phases, "trunk_runtime": trunk, "valid": done.figures["valid"],
+            "test": done.figures["test"], "first_run": first, "final": final,
+            "train_images": len(done.data.sets["train"]),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -111,8 +79,8 @@ def run_export(ckpt_path: Path, data_root: Path, quick: bool) -> dict:
     from helpers import export
     from helpers.export import preprocess_for as process_for
 
-    clf, _ = checkpoint.load_checkpoint(ckpt_path)
-    tmp = ckpt_path.parent
+    clf, _ = checkpoint.load_checkpoint(ckpt_path / "checkpoint.pth")
+    tmp = ckpt_path
     paths = {"onnx fp32": export.export_onnx(clf, tmp / "model.onnx")}
     paths["onnx int8"] = export.quantize_onnx(clf, paths["onnx fp32"], out=tmp / "model.int8.onnx",
                                               calibration=data_root / "train",
@@ -301,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         if args.quick or args.with_course_recipe:
             runs.append(_child("course", 0, data_root, args.quick, Path(tmp) / "course.json"))
-        saved = Path(tmp) / "default0.pth"
+        saved = Path(tmp) / "default0"  # its checkpoint.pth and engine
         runs += [_child("default", s, data_root, args.quick, Path(tmp) / f"default{s}.json",
                         final=final, save=saved if s == seeds[0] else None) for s in seeds]
         exports = _child("export", 0, data_root, args.quick, Path(tmp) / "export.json",

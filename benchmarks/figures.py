@@ -24,7 +24,7 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import checkpoint, data, gradcam, plots, predict, report, runtime  # noqa: E402
+from helpers import checkpoint, data, gradcam, plots, predict, report, runtime, splits  # noqa: E402
 from helpers import report_plots as insight_plots  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "hubble_deep_field",
@@ -36,7 +36,7 @@ def main(ckpt_path: str) -> None:
     assets = ROOT / "assets"
     device = runtime.get_device()
     model, saved = checkpoint.load_checkpoint(ckpt_path, device)
-    sets = data.load_datasets(data.data_dir(), model.spec)
+    sets = splits.load_data(data.data_dir(), model.spec).sets
     history = saved["metrics"]["history"]
     plots.save_figure(plots.plot_history(history), assets / "training_curves.png")
     image_path, label = sets["test"].samples[0]

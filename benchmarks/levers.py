@@ -59,7 +59,7 @@ def extract() -> None:
 
     spec = backbones.get_backbone("efficientnet_lite0")
     trunk_, _ = cache.split_backbone(spec.build(True).eval(), 1)
-    digest = cache.weights_digest(trunk_).hexdigest()
+    digest = model.weights_digest(trunk_).hexdigest()
     whole = transforms.Compose([  # the whole shorter side, square: 9 x 9 maps at 288 px
         transforms.Resize(288, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(288), transforms.ToTensor(),

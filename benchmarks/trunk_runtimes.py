@@ -20,7 +20,8 @@ from functools import partial
 import torch
 
 from helpers.backbones import get_backbone
-from helpers.cache import split_backbone, weights_digest
+from helpers.cache import split_backbone
+from helpers.model import weights_digest
 from helpers.runtime import cpu_flags, cpu_has_bf16
 from helpers.trunk import measure_runtimes, onnx_trunk
 

@@ -16,12 +16,11 @@ import dataclasses
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from helpers import backbones, data, evaluate, recipes, runtime, splits  # noqa: E402
+from helpers import data, run, runtime  # noqa: E402
 from helpers.config import TrainConfig  # noqa: E402
 
 
@@ -32,9 +31,7 @@ def main(argv: list[str]) -> None:
     fewshot = "--fewshot" in argv
     pairs = [a.split("=", 1) for a in argv if a != "--fewshot"]
     changes = {k: casts[types[k]](v) for k, v in pairs}
-    config = TrainConfig(**changes)
     device = runtime.get_device()
-    start = time.perf_counter()
     root = data.data_dir()
     if fewshot:
         from benchmark import fewshot as draw
@@ -45,19 +42,14 @@ def main(argv: list[str]) -> None:
             shutil.rmtree(partial, ignore_errors=True)
             draw(root, partial, seed=0).rename(few)
         root = few
-    found = splits.load_data(root, backbones.get_backbone(config.arch))
-    config = recipes.for_data(config, found.sets, device, keep=changes)  # as train.py does
-    clf = recipes.new_model(found.sets, config, names=found.names)
-    trained = recipes.run_recipe(clf, found.sets, config, device, log=None)
-    done = time.perf_counter()
-    result = {split: evaluate.evaluate_model(clf, found.sets[split].samples)
-              for split in ("valid", "test") if split in found.sets}
+    done = run.run(root, typed=changes, device=device, log=None)  # as train.py runs
+    config, result = done.config, done.figures
     print(json.dumps({"changes": changes, "views": config.views, "epochs": config.epochs,
-                      "valid": [round(r["valid_top1"], 4) for r in trained.history],
+                      "valid": [round(r["valid_top1"], 4) for r in done.history],
                       "valid_final": result["valid"]["top1"],
                       "test": result.get("test", {}).get("top1"),
-                      "train_s": round(done - start),
-                      "eval_s": round(time.perf_counter() - done)}))
+                      "train_s": round(done.timings["total"] - done.timings["evaluate"]),
+                      "eval_s": round(done.timings["evaluate"])}))
 
 
 if __name__ == "__main__":

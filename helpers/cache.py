@@ -25,6 +25,7 @@ from torchvision import datasets, transforms
 
 from .backbones import Backbone
 from .data import eval_transform, train_transform
+from .model import weights_digest
 from .runtime import StopFlag, atomic_save, ignore_stop_signals, progress
 from .storage import cache_dir, is_intact, runtime_choice, seal
 from .trunk import make_runner, trunk_runtime
@@ -76,15 +77,6 @@ def view_transform(spec: Backbone, view: str) -> transforms.Compose:
         return transforms.Compose([*eval_transform(spec).transforms,
                                    transforms.RandomHorizontalFlip(p=1.0)])
     return train_transform(spec)
-
-
-def weights_digest(module: nn.Module) -> hashlib._Hash:
-    """A running sha256 over a module's parameter names and bytes."""
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h
 
 
 @torch.inference_mode()

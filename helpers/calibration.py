@@ -12,21 +12,11 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import log_softmax
 
+from .engine import softmax
 from .evaluate import ArrayLike, as_arrays, expected_calibration_error, nll, to_numpy
 from .model import Classifier
-
-
-def log_probs(probs: ArrayLike) -> np.ndarray:
-    """Logits from probabilities: their logarithm, equal to the logits up to a per-row constant,
-    which is all that temperature scaling needs."""
-    return np.log(np.maximum(to_numpy(probs).astype(np.float64), 1e-300))
-
-
-def apply_temperature(logits: ArrayLike, temperature: float) -> np.ndarray:
-    """Calibrated probabilities: softmax(logits / temperature)."""
-    return softmax(to_numpy(logits).astype(np.float64) / temperature, axis=1)
 
 
 def fit_temperature(logits: ArrayLike, labels: ArrayLike, *,
@@ -82,7 +72,7 @@ def calibrate(model: Classifier, logits: ArrayLike, labels: ArrayLike, *,
     With fewer than MIN_CALIBRATION_IMAGES images, a CalibrationWarning says so and the model
     keeps temperature 1 and no unsure threshold.
     """
-    raw = softmax(to_numpy(logits).astype(np.float64), axis=1)
+    raw = softmax(to_numpy(logits))
     n = len(to_numpy(labels))
     if n < MIN_CALIBRATION_IMAGES:
         warnings.warn(f"only {n} validation image(s): too few to calibrate (it needs "
@@ -94,7 +84,7 @@ def calibrate(model: Classifier, logits: ArrayLike, labels: ArrayLike, *,
                 "skipped": f"{n} validation images; calibration needs "
                            f"{MIN_CALIBRATION_IMAGES} or more"}
     model.temperature = fit_temperature(logits, labels)
-    calibrated = apply_temperature(logits, model.temperature)
+    calibrated = softmax(to_numpy(logits), temperature=model.temperature)
     model.unsure_below = choose_unsure_threshold(calibrated, labels,
                                                  target_accuracy=target_accuracy)
     return {"temperature": model.temperature, "unsure_below": model.unsure_below,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
+
+from .runtime import UserError
 
 
 @dataclass(frozen=True)
@@ -89,3 +91,44 @@ def for_data(config: TrainConfig, *, images_per_class: float, device_type: str,
     changes = {"views": round(few_views + t * (many_views - few_views)),
                "epochs": round(few_epochs + t * (many_epochs - few_epochs))}
     return replace(config, **{k: v for k, v in changes.items() if k not in keep})
+
+
+def settle(typed: Mapping[str, Any], *, device_type: str,
+           images_per_class: float | None = None) -> TrainConfig:
+    """A run's settings, settled in this one place for the command line, the notebook and the
+    benchmarks: the recipe ('auto' resolved for the device) with its own defaults, then the
+    views and epochs that follow the data (once its images a class are known), and every
+    option the user typed, which always wins. Impossible values are refused in one line."""
+    unknown = sorted(set(typed) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)}; the settings are the fields "
+                        "of TrainConfig")
+    recipe = recipe_for(typed.get("recipe", "auto"), device_type)
+    base = {"course": TrainConfig.course, "full": TrainConfig.full}.get(recipe, TrainConfig)
+    config = base(**(dict(typed) | {"recipe": recipe}))
+    check(config)
+    if images_per_class is None:
+        return config
+    return for_data(config, images_per_class=images_per_class, device_type=device_type,
+                    keep=typed)
+
+
+def check(config: TrainConfig) -> None:
+    """Refuse impossible settings before any work starts, one line each (named as options)."""
+    def positive(name: str, value: float) -> None:
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name} must be a finite number above 0, not {value}")
+
+    positive("learning_rate", config.learning_rate)
+    positive("backbone_lr", config.backbone_lr)
+    if config.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, not {config.batch_size}")
+    if config.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, not {config.epochs}")
+    if not 0 <= config.views <= 32:
+        raise UserError(f"--views must be between 0 and 32, not {config.views}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), not {config.dropout}")
+    if config.hidden_units < 0:
+        raise UserError(f"--hidden_units must be 0 (a linear head) or more, "
+                        f"not {config.hidden_units}")

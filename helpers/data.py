@@ -17,10 +17,9 @@ from torchvision.transforms import InterpolationMode
 from .backbones import Backbone
 from .distributed import Distributed
 from .images import check_image, is_hidden, list_image_files, open_image
-from .names import DataError, class_names, load_category_names
+from .names import PROJECT_ROOT, DataError, class_names, load_category_names
 from .runtime import ignore_stop_signals
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "valid", "test")
 FLOWER_IDS = frozenset(str(i) for i in range(1, 103))  # the class folders of the flowers data
 
@@ -173,32 +172,6 @@ def drop_bad_images(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
     return bad
 
 
-def load_datasets(root: str | os.PathLike, spec: Backbone, splits: tuple[str, ...] = SPLITS,
-                  check: bool = True) -> dict[str, datasets.ImageFolder]:
-    """ImageFolders for the split folders under root: train augmented, the others centre-cropped.
-
-    Only split folders that exist are read; splits.load_data accepts any layout and carves out
-    the splits a folder lacks.
-
-    With `check`, unreadable images are found first and left out with a BadImageWarning,
-    so training never stops half-way on a damaged file.
-    """
-    root = Path(root)
-    found = {s: image_folder(root / s, train_transform(spec) if s == "train" else
-                             eval_transform(spec)) for s in splits if (root / s).is_dir()}
-    for ds in found.values() if check else ():
-        drop_bad_images(ds)
-    if "train" in splits and "train" not in found:
-        raise DataError(f"{root}: no train/ folder; expected {'/, '.join(splits)}/ inside it")
-    reference = next(iter(found.values())).class_to_idx
-    for s, ds in found.items():
-        if ds.class_to_idx != reference:
-            extra = sorted(set(ds.class_to_idx) ^ set(reference))
-            raise DataError(f"{root / s}: its classes differ from {next(iter(found))}/ "
-                            f"({', '.join(extra[:5])}); every split needs the same class folders")
-    return found
-
-
 def with_transform(dataset: datasets.ImageFolder, transform) -> datasets.ImageFolder:
     """The same samples under another transform (a copy; the dataset itself is unchanged)."""
     part = copy.copy(dataset)
@@ -279,7 +252,6 @@ def summarize(datasets_: dict[str, datasets.ImageFolder]) -> dict[str, dict[str,
     return summary
 
 
-def images_per_class(ds: datasets.ImageFolder) -> dict[str, int]:
-    """Number of images of each class folder."""
-    counts = Counter(ds.targets)
-    return {folder: counts[idx] for folder, idx in ds.class_to_idx.items()}
+def images_per_class(sets: dict[str, datasets.ImageFolder]) -> float:
+    """Training images a class, on average: what the data-following settings follow."""
+    return len(sets["train"]) / max(len(sets["train"].classes), 1)

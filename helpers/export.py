@@ -16,6 +16,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from .images import ImageError, is_image_file, process_image
 from .model import Classifier
 from .onnx_io import onnx_bytes, quiet
 from .runtime import UserError, atomic_copy, atomic_write, atomic_write_bytes
+
+if TYPE_CHECKING:
+    import onnx
 
 
 class Probabilities(nn.Module):
@@ -82,7 +86,7 @@ def export_onnx(model: Classifier, path: str | os.PathLike, *, output: str = "pr
 
 
 def onnx_proto(model: Classifier, *, output: str = "probabilities",
-               extra: dict[str, str] | None = None):
+               extra: dict[str, str] | None = None) -> onnx.ModelProto:
     """The model as an ONNX ModelProto with its metadata (see export_onnx), in memory."""
     import onnx
 

@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import weights_digest
 from .checkpoint import checkpoint_dict, encode_checkpoint
 from .engine import Engine, engine_path
 from .export import onnx_proto, save_with_metadata
 from .images import ImageError
-from .model import Classifier
+from .model import Classifier, weights_digest
 from .runtime import DiskFullError, atomic_write_bytes
 from .storage import cache_dir, is_intact, seal
 

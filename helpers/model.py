@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import torch
 from torch import Tensor, nn
 
 from .backbones import Backbone, get_backbone
@@ -69,8 +72,10 @@ def build_model(arch: str, class_to_idx: dict[str, int], class_names: list[str] 
     return Classifier(spec, backbone, head, class_to_idx, names)
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Numbers of trainable and frozen parameters."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return {"trainable": trainable, "frozen": frozen}
+def weights_digest(module: nn.Module) -> hashlib._Hash:
+    """A running sha256 over a module's parameter names and bytes."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h

@@ -28,12 +28,13 @@ from .cache import ActivationCache
 from .calibration import calibrate
 from .config import TrainConfig, recipe_for
 from .config import for_data as config_for_data
-from .data import eval_transform, make_loaders, with_transform
+from .data import eval_transform, images_per_class, make_loaders, with_transform
 from .distributed import Distributed
+from .evaluate import topk_accuracy
 from .inference import logits_of
 from .model import Classifier, build_model
 from .runtime import StopFlag, autocast, seed_everything
-from .train import Phase, Plan, accuracy, fit, predict_probs
+from .train import Phase, Plan, fit, predict_probs
 
 
 def final_config(config: TrainConfig, history: list[dict[str, Any]]) -> TrainConfig:
@@ -48,11 +49,6 @@ def final_config(config: TrainConfig, history: list[dict[str, Any]]) -> TrainCon
 def all_labelled(sets: dict[str, datasets.ImageFolder]) -> dict[str, datasets.ImageFolder]:
     """The training set of a final model: train and valid images, with train's transform."""
     return {"train": sets["train"].joined(sets["valid"])}
-
-
-def images_per_class(sets: dict[str, datasets.ImageFolder]) -> float:
-    """Training images a class, on average."""
-    return len(sets["train"]) / max(len(sets["train"].classes), 1)
 
 
 def for_data(config: TrainConfig, sets: dict[str, datasets.ImageFolder], device: torch.device,
@@ -200,7 +196,7 @@ def cached_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config
     cache.tail.requires_grad_(True)
 
     def validate() -> dict[str, float]:
-        return accuracy(cached_probs(net, cache, sets["valid"], device, config=config),
+        return topk_accuracy(cached_probs(net, cache, sets["valid"], device, config=config),
                         _labels(sets["valid"]))
 
     return Plan(model=net, phases=phases, validate=validate if "valid" in sets else None,
@@ -224,7 +220,7 @@ def _image_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config
                   mixed_precision=config.fast, compiled=config.compile)
 
     def validate() -> dict[str, float]:
-        return accuracy(*predict_probs(model, loaders["valid"], device,
+        return topk_accuracy(*predict_probs(model, loaders["valid"], device,
                                        mixed_precision=config.fast, mirror=config.tta))
 
     return Plan(model=model, phases=[phase], validate=validate if "valid" in loaders else None,

@@ -37,6 +37,11 @@ class UserError(Exception):
     """
 
 
+class Interrupted(UserError):
+    """A run was stopped (Ctrl-C or SIGTERM) after saving what can be resumed; the message says
+    how to resume it."""
+
+
 class DiskFullError(UserError, OSError):
     """A save did not fit on its disk; the previous file is whole and no temporary file is left."""
 

@@ -1,5 +1,6 @@
-"""Where cached files live and how they are trusted: the cache folder, and the sha256 sealed
-beside each cached file (checked before use; a damaged file is deleted and rebuilt).
+"""Where files live and how they are trusted: the cache folder, the sha256 sealed beside
+each cached file (checked before use; a damaged file is deleted and rebuilt), output folders
+checked before work starts, and the lock that lets one run at a time save into a folder.
 
 Torch-free, at the bottom of `helpers/` beside runtime.py, so that the prediction engine
 and the command lines use it without importing torch.
@@ -11,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +34,21 @@ def cache_dir() -> Path:
 def runtime_choice() -> Path:
     """The file where the cached recipe keeps the trunk runtime it measured fastest here."""
     return cache_dir() / "trunk_runtime.json"
+
+
+def check_writable(folder: str | os.PathLike, option: str) -> None:
+    """Refuse an output folder that cannot be written, before any work starts; `option` is
+    what the user changes to choose another (--save_dir, --out)."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:  # a real write: permissions alone do not tell (root, read-only mounts, /proc)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise UserError(f"{folder}: cannot write there ({probe}: {err.strerror or err}); "
+                        f"choose another {option}") from None
 
 
 def _sidecar(path: Path) -> Path:

@@ -312,19 +312,3 @@ def predict_probs(model: nn.Module, batches: Iterable, device: torch.device, *,
         targets.append(labels.cpu())
     return torch.cat(probs), torch.cat(targets)
 
-
-def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Mean negative log-likelihood, top-1 and top-5 accuracy, counted over samples."""
-    probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
-    n = len(labels)
-    best = probs.topk(min(5, probs.shape[1]), dim=1).indices
-    nll = -probs[torch.arange(n), labels].clamp_min(1e-12).log().sum().item()
-    return {"loss": nll / max(n, 1), "top1": (best[:, 0] == labels).sum().item() / max(n, 1),
-            "top5": (best == labels[:, None]).any(1).sum().item() / max(n, 1), "n": n}
-
-
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device, *,
-             mixed_precision: bool = True, mirror: bool = False) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 accuracy of a module over every sample of the batches."""
-    return accuracy(*predict_probs(model, batches, device, mixed_precision=mixed_precision,
-                                   mirror=mirror))

@@ -17,12 +17,14 @@ PACKAGE = ROOT / "helpers"
 # Each module's layer: a module may import its own layer or below, never above.
 LAYERS = {
     "runtime": 0, "storage": 0, "distributed": 0, "images": 0, "config": 0, "__init__": 0,
-    "names": 1, "engine": 1, "backbones": 1, "data": 1,
+    "backbones": 0,
+    "static_server": 0, "fixes": 0,
+    "names": 1, "engine": 1, "data": 1,
     "download": 2, "model": 2, "splits": 2, "onnx_io": 2, "trunk": 2, "batches": 2,
     "checkpoint": 3, "cache": 3, "train": 3,
     "export": 4, "inference": 4, "recipes": 4, "predict": 4, "evaluate": 4, "calibration": 4,
-    "gradcam": 4,
-    "report": 5, "plots": 5, "report_plots": 5, "try_photo": 5, "webapp": 5,
+    "gradcam": 4, "doctor": 4,
+    "report": 5, "plots": 5, "report_plots": 5, "try_photo": 5, "webapp": 5, "run": 5,
     "cli": 6, "__main__": 6,
 }
 

@@ -15,6 +15,7 @@ from conftest import ROOT, make_image_folder
 from helpers import checkpoint, cli, export, inference, model
 from helpers.config import TrainConfig
 from helpers.predict import predict, process_image
+from helpers.runtime import UserError
 
 CLASSES = ["1", "2", "10"]
 
@@ -123,15 +124,23 @@ def test_gpu_without_gpu_and_usage_errors():
 
 
 def test_options_the_user_typed_win_over_the_recipe_defaults():
-    from helpers.cli.training import config_from
+    from helpers.cli.training import typed_options
+    from helpers.config import settle
 
     parser = cli.build_parser()
-    args = parser.parse_args(["train", "d", "--recipe", "course", "--epochs", "4"])
-    assert config_from(args).epochs == 4  # 4 is the default recipe's value, yet typed
-    assert config_from(args).hidden_units == TrainConfig.course().hidden_units
-    args = parser.parse_args(["train", "d", "--recipe", "course", "--learning_rate", "0.003"])
-    assert config_from(args).learning_rate == 0.003
-    assert config_from(parser.parse_args(["train", "d"])) == TrainConfig()
+
+    def settled(*argv: str, per_class: float | None = None) -> TrainConfig:
+        typed = typed_options(parser.parse_args(["train", "d", *argv]))
+        return settle(typed, device_type="cpu", images_per_class=per_class)
+
+    assert settled("--recipe", "course", "--epochs", "4").epochs == 4  # typed, so it stays
+    assert settled("--recipe", "course").hidden_units == TrainConfig.course().hidden_units
+    assert settled("--recipe", "course", "--learning_rate", "0.003").learning_rate == 0.003
+    assert settled() == TrainConfig(recipe="cached")  # 'auto' on a CPU, settled once
+    assert settled(per_class=10).views == 6 and settled(per_class=10).epochs == 48  # data-led
+    assert settled("--epochs", "3", per_class=10).epochs == 3  # ...unless typed
+    with pytest.raises(UserError, match="--views must be between 0 and 32, not 40"):
+        settled("--views", "40")
 
 
 def test_predict_answers_without_importing_torch(folder, ckpt):

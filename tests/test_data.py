@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import data, storage
+from helpers import data, splits, storage
 from helpers.backbones import get_backbone
 from helpers.predict import process_image
 
@@ -29,7 +29,7 @@ def test_data_and_cache_dirs_follow_environment(monkeypatch, tmp_path):
 
 
 def test_label_mapping_sorts_folders_as_strings(tiny_folder):
-    sets = data.load_datasets(tiny_folder, LITE0)
+    sets = splits.load_data(tiny_folder, LITE0).sets
     mapping = sets["train"].class_to_idx
     assert list(mapping) == ["1", "10", "11", "12", "2", "3", "4", "5", "6", "7", "8", "9"]
     assert mapping["10"] == 1 and mapping["2"] == 4
@@ -47,14 +47,14 @@ def test_folder_names_are_names_without_a_names_file(tiny_folder):
 
 
 def test_summary_counts_images_and_classes(tiny_folder):
-    summary = data.summarize(data.load_datasets(tiny_folder, LITE0))
+    summary = data.summarize(splits.load_data(tiny_folder, LITE0).sets)
     assert summary["train"] == {"images": 36, "classes": 12, "min_per_class": 3,
                                 "max_per_class": 3}
-    assert data.images_per_class(data.image_folder(tiny_folder / "test"))["7"] == 3
+    assert data.images_per_class({"train": data.image_folder(tiny_folder / "test")}) == 3.0
 
 
 def test_transforms_give_backbone_sized_normalised_tensors(tiny_folder):
-    sets = data.load_datasets(tiny_folder, LITE0)
+    sets = splits.load_data(tiny_folder, LITE0).sets
     for split in ("train", "valid"):
         x, y = sets[split][0]
         assert x.shape == (3, 224, 224) and x.dtype == torch.float32
@@ -81,11 +81,11 @@ def test_numpy_process_image_matches_torchvision_eval_transform(size, arch):
 def test_missing_folder_and_mismatched_classes_are_clear_errors(tiny_folder, tmp_path):
     with pytest.raises(data.DataError, match="no such folder"):
         data.image_folder(tmp_path / "nowhere")
-    with pytest.raises(data.DataError, match="no train/ folder"):
-        data.load_datasets(tmp_path, LITE0)
+    with pytest.raises(data.DataError, match="no such folder"):
+        splits.load_data(tmp_path / "nowhere", LITE0)
     (tiny_folder / "valid" / "1").rename(tiny_folder / "valid" / "13")
     with pytest.raises(data.DataError, match="classes differ"):
-        data.load_datasets(tiny_folder, LITE0)
+        splits.load_data(tiny_folder, LITE0)
 
 
 def test_category_names_file(tmp_path):

@@ -8,10 +8,10 @@ import os
 
 import torch
 
-from helpers import data, distributed, model, recipes, train
+from helpers import data, distributed, model, recipes, splits, train
 from helpers.cli import build_parser
-from helpers.cli.training import config_from
-from helpers.config import TrainConfig, recipe_for
+from helpers.cli.training import typed_options
+from helpers.config import TrainConfig, recipe_for, settle
 
 
 def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
@@ -30,7 +30,7 @@ def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
                         lambda self, *a: updates.append(1) or original(self, *a))
     config = TrainConfig.course(arch="test_efficientnet", epochs=2, batch_size=12,
                                 hidden_units=8, fast=True)
-    sets = data.load_datasets(tiny_folder, model.get_backbone(config.arch), ("train", "valid"))
+    sets = splits.load_data(tiny_folder, model.get_backbone(config.arch)).sets
     plan = recipes.course_plan(recipes.new_model(sets, config), sets, config,
                                torch.device("cpu"))
     history = train.fit(plan, torch.device("cpu"), log=None)
@@ -39,8 +39,7 @@ def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
 
 
 def test_loaders_keep_a_cuda_gpu_fed_and_leave_the_cpu_path_alone(tiny_folder):
-    sets = data.load_datasets(tiny_folder, model.get_backbone("test_efficientnet"),
-                              ("train", "valid"))
+    sets = splits.load_data(tiny_folder, model.get_backbone("test_efficientnet")).sets
     gpu = data.make_loaders(sets, batch_size=4, device=torch.device("cuda"))["train"]
     assert gpu.num_workers >= 1 and gpu.persistent_workers and gpu.pin_memory
     assert gpu.prefetch_factor == 4
@@ -70,7 +69,9 @@ def test_auto_on_a_gpu_is_the_full_recipe_with_its_own_defaults():
     assert recipe_for("auto", "cuda") == recipe_for("auto", "mps") == "full"
     assert recipe_for("auto", "cpu") == "cached" and recipe_for("course", "cuda") == "course"
     args = build_parser().parse_args(["train", "d", "--gpu", "--epochs", "3"])
-    assert config_from(args, device_type="cuda") == TrainConfig.full(epochs=3)
-    assert config_from(args) == TrainConfig(epochs=3)  # the CPU's default recipe
+    assert settle(typed_options(args), device_type="cuda") == TrainConfig.full(epochs=3)
+    assert settle(typed_options(args), device_type="cpu") == TrainConfig(recipe="cached",
+                                                                         epochs=3)
     no_aug = build_parser().parse_args(["train", "d", "--no_augment"])
-    assert config_from(no_aug).augment is False and TrainConfig().augment is True
+    assert settle(typed_options(no_aug), device_type="cpu").augment is False
+    assert TrainConfig().augment is True

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import data, model, recipes, runtime, train
+from helpers import data, evaluate, model, recipes, runtime, splits, train
 from helpers.config import TrainConfig
 
 CLASSES = {str(i): i for i in range(12)}
@@ -23,9 +23,10 @@ def lite0() -> model.Classifier:
 def test_output_shape_and_parameter_counts(lite0):
     x = torch.randn(2, 3, 96, 96)
     assert lite0.eval()(x).shape == (2, 12)
-    counts = model.count_parameters(lite0)
-    assert counts["trainable"] == 1280 * 64 + 64 + 64 * 12 + 12
-    assert counts["frozen"] == sum(p.numel() for p in lite0.backbone.parameters())
+    trainable = sum(p.numel() for p in lite0.parameters() if p.requires_grad)
+    assert trainable == 1280 * 64 + 64 + 64 * 12 + 12
+    assert sum(p.numel() for p in lite0.parameters() if not p.requires_grad) == \
+        sum(p.numel() for p in lite0.backbone.parameters())
 
 
 def test_linear_head_when_no_hidden_units():
@@ -81,7 +82,7 @@ def _course(folder, **changes):
     """The course recipe's plan for a tiny model on a folder: (config, sets, model, plan)."""
     config = TrainConfig.course(**({"arch": TINY, "epochs": 1, "batch_size": 12,
                                     "hidden_units": 32} | changes))
-    sets = data.load_datasets(folder, model.get_backbone(config.arch), ("train", "valid"))
+    sets = splits.load_data(folder, model.get_backbone(config.arch)).sets
     clf = recipes.new_model(sets, config)
     return config, sets, clf, recipes.course_plan(clf, sets, config, torch.device("cpu"))
 
@@ -110,7 +111,7 @@ def test_fit_learns_and_keeps_best_epoch(tiny_folder):
     assert next(r for r in history if r["kept"])["valid_top1"] == best
     assert logged[0].startswith("train: ") and "parameters train" in logged[0]
     loader = data.make_loaders({"valid": sets["valid"]}, batch_size=12, num_workers=0)["valid"]
-    result = train.evaluate(clf, loader, torch.device("cpu"))
+    result = evaluate.topk_accuracy(*train.predict_probs(clf, loader, torch.device("cpu")))
     assert result["n"] == 36 and result["top1"] == pytest.approx(best)
     assert result["top5"] >= result["top1"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]

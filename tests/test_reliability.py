@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import ROOT, make_image_folder
-from helpers import backbones, checkpoint, cli, data, images, runtime
+from conftest import ROOT, isolated_env, make_image_folder
+from helpers import backbones, checkpoint, cli, data, images, runtime, splits
 from helpers.predict import process_image
 
 LITE0 = backbones.get_backbone("efficientnet_lite0")
@@ -87,7 +88,7 @@ def test_corrupt_training_images_are_listed_and_left_out(tmp_path):
     (folder / "train" / "1" / "broken.jpg").write_bytes(_jpeg_bytes()[:150])
     (folder / "train" / "2" / "text.jpg").write_text("not an image")
     with pytest.warns(data.BadImageWarning, match=r"left out 2 unreadable.*broken\.jpg"):
-        sets = data.load_datasets(folder, LITE0)
+        sets = splits.load_data(folder, LITE0).sets
     assert len(sets["train"]) == 6 and len(sets["train"].targets) == 6
     assert all("broken" not in p for p, _ in sets["train"].samples)
 
@@ -98,7 +99,7 @@ def test_folder_problems_are_clear(tmp_path):
         assert data.class_names({"1": 0, "77": 1}, {"1": "one"}) == ["one", "77"]
     (folder / "train" / "3").mkdir()
     with pytest.raises(data.DataError, match="3"):
-        data.load_datasets(folder, LITE0)
+        splits.load_data(folder, LITE0)
     empty = tmp_path / "empty" / "train"
     empty.mkdir(parents=True)
     with pytest.raises(data.DataError, match="empty"):
@@ -128,8 +129,8 @@ def _wait_for_epoch(path, epoch, process, timeout=300):
 @pytest.fixture
 def train_env(tmp_path, monkeypatch):
     folder = make_image_folder(tmp_path / "flowers", ["1", "2", "3"], per_class=6)
-    env = {"FLOWERS_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
-           "OMP_NUM_THREADS": "1"}  # one thread: the same arithmetic in every run
+    env = isolated_env(FLOWERS_CACHE=str(tmp_path / "cache"),
+                       OMP_NUM_THREADS="1")  # one thread: the same arithmetic in every run
     return folder, env
 
 
@@ -141,34 +142,96 @@ def _same(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# train.py with a global optimizer hook that counts the steps into a file and, at step
+# `pause_at`, holds the process for a few seconds (arithmetic unchanged): a signal sent then
+# lands at a known batch, not wherever the scheduler happens to be.
+PAUSING_TRAIN = """
+import runpy, sys, time
+from torch.optim.optimizer import register_optimizer_step_post_hook
+progress, pause_at = sys.argv[1], int(sys.argv[2])
+sys.argv = sys.argv[3:]
+steps = [0]
+def hook(optimizer, args, kwargs):
+    steps[0] += 1
+    with open(progress, "a") as f:
+        f.write(f"{steps[0]}\\n")
+    if steps[0] == pause_at:
+        time.sleep(3)
+register_optimizer_step_post_hook(hook)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+PHASE_LINE = re.compile(r"^(\S+): [\d,]+ parameters train, (\d+) epoch\(s\) of (\d+) batches",
+                        re.MULTILINE)
+
+
+def _resume(folder, out):
+    """The command the interrupted run printed: the same folders, nothing else typed."""
+    return [sys.executable, str(ROOT / "train.py"), str(folder), "--save_dir", str(out),
+            "--resume", str(out / "last.pth")]
+
+
+def _steps(progress) -> int:
+    try:
+        return len(progress.read_text().splitlines())
+    except OSError:
+        return 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["cached", "course"])
 def test_interrupted_then_resumed_gives_bitwise_the_same_weights(train_env, tmp_path, recipe):
     """SIGKILL at an epoch boundary, and SIGINT to the whole process group in the middle of
-    an epoch (data-loader workers included): resuming gives the uninterrupted run's weights."""
+    an epoch (data-loader workers included; the state says batch 2 of 5): resuming gives the
+    uninterrupted run's weights."""
     folder, env = train_env
     args = ["--recipe", recipe, "--hidden_units", "8"]
     reference = subprocess.run(_train(folder, tmp_path / "a", *args), env=env,
                                capture_output=True, text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr
     expected = _weights(tmp_path / "a" / "checkpoint.pth")
-    for name, sig in (("killed", signal.SIGKILL), ("ctrl-c", signal.SIGINT)):
-        out = tmp_path / name
-        run = subprocess.Popen(_train(folder, out, *args), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-        _wait_for_epoch(out / "last.pth", 1003 if recipe == "cached" else 3, run)
-        if sig == signal.SIGINT:
-            time.sleep(0.05)  # into the next epoch, between two batches
-        os.killpg(run.pid, sig)
-        _, err = run.communicate(timeout=120)
-        assert not (out / "checkpoint.pth").exists()
-        if sig == signal.SIGINT:
-            assert run.returncode == 130 and "Traceback" not in err, err
-            assert f"--resume {out / 'last.pth'}" in err.strip().splitlines()[-1]
-        resumed = subprocess.run(_train(folder, out, *args, "--resume", str(out / "last.pth")),
-                                 env=env, capture_output=True, text=True, timeout=600)
-        assert resumed.returncode == 0, resumed.stderr
-        assert _same(_weights(out / "checkpoint.pth"), expected), name
+    phases = [(int(e), int(b)) for _, e, b in PHASE_LINE.findall(reference.stdout)]
+    assert phases, reference.stdout
+    last = len(phases) - 1
+    epochs, batches = phases[last]
+    assert epochs >= 4 and batches >= 3, phases  # room for a stop in the middle of an epoch
+    # SIGKILL once the last phase's third epoch is saved: the state of an epoch boundary.
+    out = tmp_path / "killed"
+    run = subprocess.Popen(_train(folder, out, *args), env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_epoch(out / "last.pth", 1000 * last + 3, run)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.communicate(timeout=120)
+    assert not (out / "checkpoint.pth").exists()
+    resumed = subprocess.run(_resume(folder, out), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _same(_weights(out / "checkpoint.pth"), expected), "killed"
+
+    # SIGINT while the second batch of the last phase's third epoch is being trained.
+    out, progress = tmp_path / "ctrl-c", tmp_path / "steps.txt"
+    pause_at = sum(e * b for e, b in phases[:last]) + 2 * batches + 2
+    run = subprocess.Popen([sys.executable, "-c", PAUSING_TRAIN, str(progress), str(pause_at),
+                            *_train(folder, out, *args)[1:]], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    deadline = time.time() + 300
+    while _steps(progress) < pause_at and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert _steps(progress) == pause_at, "training ended or stalled before the pause"
+    os.killpg(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    assert f"--resume {out / 'last.pth'}" in err.strip().splitlines()[-1]
+    assert _steps(progress) == pause_at  # not one batch more
+    assert not (out / "checkpoint.pth").exists()
+    state = checkpoint.read_resume(out / "last.pth")
+    # Mid-epoch: two batches of the third epoch done, strictly between 0 and the epoch's count.
+    assert (state["phase"], state["epoch"], state["batches_done"]) == (last, 2, 2)
+    assert 0 < state["batches_done"] < batches
+    resumed = subprocess.run(_resume(folder, out), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _same(_weights(out / "checkpoint.pth"), expected), "ctrl-c"
 
 
 @pytest.mark.slow
@@ -216,8 +279,8 @@ def test_resume_of_another_runs_state_is_refused(train_env, tmp_path, capsys):
                                             "data_digest": "0" * 64, "run_id": "old"}}
     torch.save(state, tmp_path / "last.pth")
     for data_dir in (folder, other):  # other classes; the same classes but other files
-        assert cli.main(["train", str(data_dir), "--arch", "test_efficientnet", "--save_dir",
-                         str(tmp_path / "out"), "--resume", str(tmp_path / "last.pth")]) == 1
+        assert cli.main(["train", str(data_dir), "--save_dir", str(tmp_path / "out"),
+                         "--resume", str(tmp_path / "last.pth")]) == 1
         err = capsys.readouterr().err
         assert "belongs to another run" in err and err.count("\n") == 1
 

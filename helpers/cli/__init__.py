@@ -15,16 +15,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..runtime import Stopped, UserError
+from ..runtime import FULL_DISK, Interrupted, Stopped, UserError
 
 # The OS errors a user causes: a missing file, no permission, a full disk or quota.
 USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 READ_ONLY = (errno.EROFS,)
-
-
-class Interrupted(UserError):
-    """Training was stopped (Ctrl-C or SIGTERM); the message says how to resume."""
 
 
 def build_parser(prog: str = "python -m helpers") -> argparse.ArgumentParser:

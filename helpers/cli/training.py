@@ -5,24 +5,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
-import tempfile
-import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..backbones import BACKBONES
-from ..config import TUNED, TrainConfig, recipe_for
+from ..config import TUNED, TrainConfig
 from ..distributed import Distributed
-from ..runtime import StopFlag, Stopped, UserError, atomic_write_bytes
-from . import Interrupted
+from ..runtime import UserError, atomic_write_bytes
 
 if TYPE_CHECKING:
     import torch
+
+    from ..run import Result
 
 DEFAULTS = TrainConfig()
 COURSE = TrainConfig.course()
@@ -30,7 +27,7 @@ FULL = TrainConfig.full()
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    """The options that fill a TrainConfig; only those typed are applied (see config_from)."""
+    """The options that fill a TrainConfig; only those typed are applied (see config.settle)."""
     def option(name: str, **kwargs) -> None:
         p.add_argument(f"--{name}", default=argparse.SUPPRESS, **kwargs)
 
@@ -95,64 +92,26 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "final model on train+valid with those choices and save it")
 
 
-def config_from(args: argparse.Namespace, *, device_type: str = "cpu") -> TrainConfig:
-    """A TrainConfig of the recipe's defaults and every option the user typed (those win)."""
+def typed_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user typed (TrainConfig fields); config.settle fills in the rest."""
     typed = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__
              if hasattr(args, name)}
     if args.fp32:
         typed["fast"] = False
-    recipe = recipe_for(typed.get("recipe", "auto"), device_type)
-    base = {"course": TrainConfig.course, "full": TrainConfig.full}.get(recipe, TrainConfig)
-    return base(**typed)
+    return typed
 
 
-def _for_data(config: TrainConfig, sets: dict, args: argparse.Namespace, *,
-              device) -> TrainConfig:
-    """The settings that follow the data, the options typed kept; one line says what changed."""
-    from ..recipes import for_data, images_per_class
-
-    typed = {name for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)}
-    adapted = for_data(config, sets, device, keep=typed)
-    changed = [f"{name} {getattr(adapted, name)}" for name in TrainConfig.__dataclass_fields__
-               if getattr(adapted, name) != getattr(config, name)]
-    if changed:
-        print(f"{images_per_class(sets):.0f} training images a class: {', '.join(changed)} "
-              "(type an option to choose it yourself)")
-    return adapted
-
-
-def check_config(config: TrainConfig) -> None:
-    """Refuse impossible settings before any work starts, one line each."""
-    def positive(name: str, value: float) -> None:
-        if not (math.isfinite(value) and value > 0):
-            raise UserError(f"--{name} must be a finite number above 0, not {value}")
-
-    positive("learning_rate", config.learning_rate)
-    positive("backbone_lr", config.backbone_lr)
-    if config.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, not {config.batch_size}")
-    if config.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, not {config.epochs}")
-    if not 0 <= config.views <= 32:
-        raise UserError(f"--views must be between 0 and 32, not {config.views}")
-    if not 0.0 <= config.dropout < 1.0:
-        raise UserError(f"--dropout must be in [0, 1), not {config.dropout}")
-    if config.hidden_units < 0:
-        raise UserError(f"--hidden_units must be 0 (a linear head) or more, "
-                        f"not {config.hidden_units}")
-
-
-def check_writable(folder: Path, option: str) -> None:
-    """Refuse an output folder that cannot be written, before any work starts."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:  # a real write: permissions alone do not tell (root, read-only mounts, /proc)
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as err:
-        raise UserError(f"{folder}: cannot write there ({probe}: {err.strerror or err}); "
-                        f"choose another {option}") from None
+def check_resume_options(args: argparse.Namespace) -> None:
+    """Refuse, before any work, settings typed with --resume: a resumed run is the saved run,
+    continued bit for bit (its schedule was planned for its own epochs)."""
+    if not getattr(args, "resume", None):
+        return
+    typed = [f"--{name}" for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)]
+    typed += ["--fp32"] if args.fp32 else []
+    typed += ["--no_augment"] if hasattr(args, "augment") else []
+    if typed:
+        raise UserError(f"--resume continues the run with its saved settings; {', '.join(typed)} "
+                        "cannot change them: drop them, or start a new run without --resume")
 
 
 def device_for(gpu: bool) -> torch.device:
@@ -184,188 +143,43 @@ def distributed(gpu: bool) -> Iterator[tuple[Distributed, torch.device]]:
 
 
 def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, device,
-                  again: str, dist: Distributed | None = None) -> dict | None:
-    """Load the data, train, calibrate on valid, report valid/test, save the checkpoint.
+                  again: str, dist: Distributed | None = None) -> Result | None:
+    """run.run with the options typed, its figures printed; None on ranks other than 0.
 
-    `again` is the command line that resumes this run (shown when it is interrupted). With
-    --final a second model trains on train+valid with the first run's choices and is saved.
-    Under torchrun (`dist`) every rank trains; rank 0 alone reports and saves, and the others
-    return None.
+    `again` is the command line that resumes this run (shown when it is interrupted).
     """
-    dist = dist or Distributed()
-    option = "--save_dir" if "train" in again else "--out"
+    from ..run import run
+
     check_resume_options(args)
-    config = config_from(args, device_type=device.type)
-    check_config(config)
-    with saving_into(out, option=option, dist=dist):
-        return _train(args, config, data_root=data_root, out=out, device=device, again=again,
-                      dist=dist)
+    done = run(data_root, typed=typed_options(args), device=device, out=out,
+               resume=getattr(args, "resume", None), final=args.final, names_file=args.names,
+               valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
+               again=again, option="--save_dir" if "train" in again else "--out", dist=dist)
+    if done is not None:
+        print_figures(done)
+    return done
 
 
-def check_resume_options(args: argparse.Namespace) -> None:
-    """Refuse, before any work, settings typed with --resume: a resumed run is the saved run,
-    continued bit for bit (its schedule was planned for its own epochs)."""
-    if not getattr(args, "resume", None):
-        return
-    typed = [f"--{name}" for name in TrainConfig.__dataclass_fields__ if hasattr(args, name)]
-    typed += ["--fp32"] if args.fp32 else []
-    typed += ["--no_augment"] if hasattr(args, "augment") else []
-    if typed:
-        raise UserError(f"--resume continues the run with its saved settings; {', '.join(typed)} "
-                        "cannot change them: drop them, or start a new run without --resume")
-
-
-@contextlib.contextmanager
-def saving_into(out: Path, *, option: str, dist: Distributed) -> Iterator[None]:
-    """The block holds the save folder (storage.folder_lock, taken by rank 0): a second run
-    into it fails at once in one line, on every rank."""
-    from ..storage import folder_lock
-
-    check_writable(out, option)
-    with contextlib.ExitStack() as held:
-        refused = ""
-        if dist.is_main:
-            try:
-                held.enter_context(folder_lock(out, option=option))
-            except UserError as err:
-                refused = str(err)
-        refused = dist.share(refused)
-        if refused:
-            raise UserError(refused)
-        yield
-
-
-def _train(args: argparse.Namespace, config: TrainConfig, *, data_root: Path, out: Path, device,
-           again: str, dist: Distributed) -> dict | None:
-    """train_command's work, in the held save folder."""
-    from .. import checkpoint, model, recipes, splits
-
-    start = time.perf_counter()
-    found = splits.load_data(data_root, model.get_backbone(config.arch),
-                             valid_fraction=args.valid_fraction,
-                             test_fraction=args.test_fraction, names_file=args.names)
-    for line in found.messages:
-        print(line)
-    sets = found.sets
-    config = _for_data(config, sets, args, device=device)
-    identity = {"class_to_idx": found.class_to_idx, "data_digest": found.digest(),
-                "held_out": found.held_out}
-    resume = None
-    if getattr(args, "resume", None):
-        resume = checkpoint.read_resume(args.resume, identity=identity)
-        config = TrainConfig.from_dict(resume["identity"]["config"])
-    if "valid" not in sets:
-        raise UserError(f"{data_root}: no valid/ folder and --valid_fraction 0; training "
-                        "needs validation images to choose the epoch and calibrate")
-    clf = recipes.new_model(sets, config, names=found.names)
-    recipe = recipes.resolve_recipe(config, device)
-    print(f"model {config.arch} on {device}, recipe {recipe}")
-    if dist.world_size > 1 and recipe == "cached":
-        print(f"distributed: the cached recipe runs on one process; rank 0 trains, the other "
-              f"{dist.world_size - 1} process(es) leave now (use --recipe full or course to "
-              "train on every process)")
-        if not dist.is_main:
-            return None
-        dist = Distributed()
-    elif dist.world_size > 1:
-        print(f"distributed: world size {dist.world_size}, backend {dist.backend}; a step "
-              f"takes {dist.world_size} x {config.batch_size} = "
-              f"{dist.world_size * config.batch_size} images, learning rates as given")
-    run_id = resume["identity"]["run_id"] if resume else dist.share(uuid.uuid4().hex)
-    state = out / "last.pth"
-    trained = _run(clf, sets, config, device, state=state, resume=resume, again=again,
-                   identity=identity | {"run_id": run_id}, dist=dist)
-    metrics = _report(clf, sets, trained) if dist.is_main else {}
-    metrics |= {"data_dir": str(found.root), "held_out": found.held_out,
-                "timings": trained.timings}
-    if args.final:
-        clf, metrics = _final(clf, found, config, device, out=out, first=metrics,
-                              history=trained.history, dist=dist,
-                              again=f"{again} --resume {state} --final")
-    if not dist.is_main:
-        return None
-    metrics["seconds"] = time.perf_counter() - start
-    from ..inference import save_model
-
-    path = save_model(clf, out / "checkpoint.pth", config=config,
-                      metrics={"history": trained.history, **metrics})
-    print(f"checkpoint: {path}")
-    return {"path": path, "sets": sets, "history": trained.history, "metrics": metrics,
-            "model": clf}
-
-
-def _run(clf, sets: dict, config: TrainConfig, device, *, state: Path | None, resume: dict | None,
-         again: str, identity: dict, dist: Distributed):
-    """recipes.run_recipe under a stop flag: Ctrl-C or SIGTERM saves and says how to resume."""
-    from .. import checkpoint, recipes
-
-    stop = StopFlag()
-    try:
-        with stop.watch():
-            return recipes.run_recipe(clf, sets, config, device, state_path=state,
-                                      resume=resume, stop=stop, identity=identity, dist=dist)
-    except Stopped as err:
-        if state is not None and checkpoint.resume_belongs(state, identity["run_id"]):
-            raise Interrupted(f"{err}; resume with: {again} --resume {state}") from None
-        if state is None and again:  # a run without a state of its own: `again` says what to do
-            raise Interrupted(f"{err}; {again}") from None
-        raise Interrupted(f"{err}, before the first save; nothing to resume") from None
-
-
-def _report(clf, sets: dict, trained) -> dict:
-    """Valid and test figures through the model's engine, and its calibration, printed."""
-    from ..evaluate import evaluate_model
-
-    metrics: dict = {"calibration": trained.calibration}
+def print_figures(done: Result) -> None:
+    """The figures of a run: valid and test, calibration, the final model's test, the path."""
+    first = done.metrics.get("first_run", done.figures)
     for split in ("valid", "test"):
-        if split in sets:
-            metrics[split] = m = evaluate_model(clf, sets[split].samples)
+        if split in first:
+            m = first[split]
             print(f"{split}: top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  ({m['n']} images)")
-    c = trained.calibration
-    if c and c.get("skipped"):
+    c = done.figures.get("calibration") or {}
+    if c.get("skipped"):
         print(f"not calibrated ({c['skipped']}): temperature 1, never unsure")
     elif c:
         print(f"calibrated on valid: temperature {c['temperature']:.2f}, ECE "
               f"{c['ece_before']:.1%} -> {c['ece_after']:.1%}, unsure below "
               f"{c['unsure_below']:.0%}")
-    return metrics
-
-
-def _final(first_model, found, config: TrainConfig, device, *, out: Path, first: dict,
-           history: list[dict], dist: Distributed, again: str) -> tuple:
-    """A final model trained on train+valid with the first run's choices (epochs, temperature,
-    unsure threshold); its test figures checked, and which run gave which figure recorded.
-
-    `again` resumes it: the first run's finished state, then the final model from its start.
-    """
-    from .. import recipes
-    from ..evaluate import expected_calibration_error, topk_accuracy
-    from ..inference import logits_of
-
-    final_config = recipes.final_config(config, history)
-    sets = recipes.all_labelled(found.sets)
-    print(f"final model: train+valid ({len(sets['train'])} images), {final_config.epochs} epoch(s) "
-          "as chosen on valid; temperature and threshold from the first run")
-    final = recipes.new_model(sets, final_config, names=list(first_model.class_names))
-    _run(final, sets, final_config, device, state=None, resume=None, dist=dist,
-         again=f"the first run is saved; train the final model again with: {again}",
-         identity={"run_id": uuid.uuid4().hex, "final": True})
-    final.temperature, final.unsure_below = first_model.temperature, first_model.unsure_below
-    metrics = {"first_run": {k: first[k] for k in ("valid", "test", "calibration") if k in first},
-               "final": {"trained_on": "train+valid", "epochs": final_config.epochs,
-                         "temperature_from": "first run (fitted on valid for the first model)"}}
-    metrics |= {k: v for k, v in first.items() if k not in ("valid", "test", "calibration")}
-    if "test" in found.sets and dist.is_main:
-        from ..engine import softmax
-
-        logits, labels, bad = logits_of(final, found.sets["test"].samples)  # one pass
-        probs = softmax(logits, temperature=final.temperature)
-        m = topk_accuracy(probs, labels) | {"bad": bad,
-                                            "ece": expected_calibration_error(probs, labels)}
-        metrics["final"]["test"] = metrics["test"] = m
-        print(f"final test: top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  ({m['n']} images); "
-              f"ECE with the first run's temperature {m['ece']:.1%}")
-    return final, metrics
+    final = done.metrics.get("final", {}).get("test")
+    if final:
+        print(f"final test: top-1 {final['top1']:.2%}  top-5 {final['top5']:.2%}  "
+              f"({final['n']} images); ECE with the first run's temperature {final['ece']:.1%}")
+    if done.checkpoint is not None:
+        print(f"checkpoint: {done.checkpoint}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -393,19 +207,19 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     out = Path(args.out)
     done = train_command(args, data_root=root, out=out, device=device,
                          again=f"python -m helpers pipeline --data_dir {root} --out {out}")
-    plots.save_figure(plots.plot_history(done["history"]), out / "history.png")
-    sets = done["sets"]
+    plots.save_figure(plots.plot_history(done.history), out / "history.png")
+    sets = done.data.sets
     image_path, label = sets.get("test", sets["valid"]).samples[0]
-    result = predict.predict(image_path, done["model"], topk=5)
-    true_name = done["model"].class_names[label]
+    result = predict.predict(image_path, done.model, topk=5)
+    true_name = done.model.class_names[label]
     print(f"{image_path} (true: {true_name}):")
     for p, name in zip(result.probs, result.names, strict=True):
         print(f"  {p:7.2%}  {name}")
     fig = plots.plot_prediction(open_image(image_path), result, true_name=true_name)
     print(f"top-5 chart: {plots.save_figure(fig, out / 'top5.png')}")
-    summary = {"data_dir": str(root), "history": done["history"], **done["metrics"]}
+    summary = {"data_dir": str(root), **done.metrics}
     atomic_write_bytes(json.dumps(summary, indent=2, default=str).encode(), out / "metrics.json")
-    print(f"done in {done['metrics']['seconds']:.0f} s; figures in {out / 'metrics.json'}")
+    print(f"done in {done.timings['total']:.0f} s; figures in {out / 'metrics.json'}")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
