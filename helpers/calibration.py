@@ -15,7 +15,14 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 from .engine import softmax
-from .evaluate import ArrayLike, as_arrays, expected_calibration_error, nll, to_numpy
+from .evaluate import (
+    ArrayLike,
+    as_arrays,
+    expected_calibration_error,
+    nll,
+    reliability,
+    to_numpy,
+)
 from .model import Classifier
 
 
@@ -92,3 +99,15 @@ def calibrate(model: Classifier, logits: ArrayLike, labels: ArrayLike, *,
             "ece_before": expected_calibration_error(raw, labels),
             "ece_after": expected_calibration_error(calibrated, labels),
             "nll_before": nll(raw, labels), "nll_after": nll(calibrated, labels)}
+
+
+def judge(logits: ArrayLike, labels: ArrayLike, *, temperature: float) -> dict[str, Any]:
+    """How honest the probabilities of a split are before and after a temperature: ECE and
+    NLL, and the reliability-diagram data of each (judge on test what was fitted on valid)."""
+    raw, scaled = softmax(to_numpy(logits)), softmax(to_numpy(logits), temperature=temperature)
+    return {"temperature": temperature,
+            "ece_before": expected_calibration_error(raw, labels),
+            "ece_after": expected_calibration_error(scaled, labels),
+            "nll_before": nll(raw, labels), "nll_after": nll(scaled, labels),
+            "reliability_before": reliability(raw, labels),
+            "reliability_after": reliability(scaled, labels)}

@@ -6,8 +6,11 @@ import hashlib
 
 import torch
 from torch import Tensor, nn
+from torchvision import datasets
 
 from .backbones import Backbone, get_backbone
+from .config import TrainConfig
+from .runtime import seed_everything
 
 
 def build_head(in_features: int, num_classes: int, *, hidden_units: int = 512,
@@ -79,3 +82,11 @@ def weights_digest(module: nn.Module) -> hashlib._Hash:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h
+
+
+def new_model(sets: dict[str, datasets.ImageFolder], config: TrainConfig, *,
+              names: list[str] | None = None) -> Classifier:
+    """A seeded new classifier for the classes of the training set, as the settings say."""
+    seed_everything(config.seed)
+    return build_model(config.arch, sets["train"].class_to_idx, names,
+                       hidden_units=config.hidden_units, dropout=config.dropout)

@@ -32,8 +32,8 @@ from .data import eval_transform, images_per_class, make_loaders, with_transform
 from .distributed import Distributed
 from .evaluate import topk_accuracy
 from .inference import logits_of
-from .model import Classifier, build_model
-from .runtime import StopFlag, autocast, seed_everything
+from .model import Classifier
+from .runtime import StopFlag, autocast
 from .train import Phase, Plan, fit, predict_probs
 
 
@@ -57,14 +57,6 @@ def for_data(config: TrainConfig, sets: dict[str, datasets.ImageFolder], device:
     `keep`, the ones a user chose, stay."""
     return config_for_data(config, images_per_class=images_per_class(sets),
                            device_type=device.type, keep=keep)
-
-
-def new_model(sets: dict[str, datasets.ImageFolder], config: TrainConfig, *,
-              names: list[str] | None = None) -> Classifier:
-    """A seeded new classifier for the classes of the training set."""
-    seed_everything(config.seed)
-    return build_model(config.arch, sets["train"].class_to_idx, names,
-                       hidden_units=config.hidden_units, dropout=config.dropout)
 
 
 def trainable_by_phase(model: Classifier, config: TrainConfig,

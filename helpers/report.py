@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from .calibration import judge
 from .engine import Engine, softmax
 from .evaluate import (
     cluster_order,
     confused_pairs,
     confusion_matrix,
-    expected_calibration_error,
     highest_loss,
-    nll,
     per_class_accuracy,
-    reliability,
     topk_accuracy,
     unsure_summary,
     worst_classes,
@@ -34,14 +32,12 @@ def report(model: Classifier | Engine, samples: list[tuple[str, int]], *, worst:
     highest-loss samples, and calibration (ECE and NLL before and after the model's
     temperature, the unsure rate at its threshold, reliability data)."""
     logits, labels, bad = logits_of(model, samples)
-    raw = softmax(logits)
     probs = softmax(logits, temperature=model.temperature)
     names = list(model.class_names)
     confusion = confusion_matrix(probs, labels)
+    judged = judge(logits, labels, temperature=model.temperature)
     measured = {**topk_accuracy(probs, labels),
-                "ece_before": expected_calibration_error(raw, labels),
-                "ece_after": expected_calibration_error(probs, labels),
-                "nll_before": nll(raw, labels), "nll_after": nll(probs, labels),
+                **{k: judged[k] for k in ("ece_before", "ece_after", "nll_before", "nll_after")},
                 **unsure_summary(probs, labels, model.unsure_below)}
     kept = [s for s in samples if s[0] not in {path for path, _ in bad}]
     return {"temperature": model.temperature, "unsure_below": model.unsure_below,
@@ -51,6 +47,6 @@ def report(model: Classifier | Engine, samples: list[tuple[str, int]], *, worst:
             "confusion": confusion, "order": cluster_order(confusion),
             "pairs": confused_pairs(confusion, names, pairs),
             "high_loss": highest_loss(probs, labels, high_loss),
-            "reliability": {"before": reliability(raw, labels),
-                            "after": reliability(probs, labels)},
-            "probs": probs, "labels": labels, "predicted": probs.argmax(1)}
+            "reliability": {"before": judged["reliability_before"],
+                            "after": judged["reliability_after"]},
+            "logits": logits, "probs": probs, "labels": labels, "predicted": probs.argmax(1)}

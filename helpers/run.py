@@ -118,7 +118,7 @@ def _run(root: Path, *, typed: dict[str, Any], device: torch.device, out: Path |
     if "valid" not in sets:
         raise UserError(f"{root}: no valid/ folder and --valid_fraction 0; training needs "
                         "validation images to choose the epoch and calibrate")
-    clf = recipes.new_model(sets, config, names=found.names)
+    clf = model.new_model(sets, config, names=found.names)
     recipe = recipes.resolve_recipe(config, device)
     log(f"model {config.arch} on {device}, recipe {recipe}")
     if dist.world_size > 1 and recipe == "cached":
@@ -189,7 +189,7 @@ def _final(first_model: model.Classifier, found: splits.DataSplits, config: Trai
     sets = recipes.all_labelled(found.sets)
     log(f"final model: train+valid ({len(sets['train'])} images), {final_config.epochs} "
         "epoch(s) as chosen on valid; temperature and threshold from the first run")
-    final = recipes.new_model(sets, final_config, names=list(first_model.class_names))
+    final = model.new_model(sets, final_config, names=list(first_model.class_names))
     _stoppable(final, sets, final_config, device, state=None, resume=None, dist=dist, log=log,
                again=f"the first run is saved; train the final model again with: {again}",
                identity={"run_id": uuid.uuid4().hex, "final": True})

@@ -65,7 +65,7 @@ def train_small_checkpoint(data: Path, out: Path, *, classes: int = CLASSES) -> 
     import numpy as np
     import torch
 
-    from helpers import backbones, checkpoint, engine, inference, recipes, splits
+    from helpers import backbones, checkpoint, engine, inference, model, recipes, splits
     from helpers.config import TrainConfig
 
     root = out / "flowers"
@@ -78,7 +78,7 @@ def train_small_checkpoint(data: Path, out: Path, *, classes: int = CLASSES) -> 
     config = TrainConfig.course(epochs=2, batch_size=32)
     device = torch.device("cpu")
     found = splits.load_data(root, backbones.get_backbone(config.arch))
-    clf = recipes.new_model(found.sets, config, names=found.names)
+    clf = model.new_model(found.sets, config, names=found.names)
     recipes.run_recipe(clf, found.sets, config, device, log=None)
     logits, _, _ = inference.logits_of(clf, found.sets["valid"].samples)
     probs = engine.softmax(logits)

@@ -31,7 +31,7 @@ def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
     config = TrainConfig.course(arch="test_efficientnet", epochs=2, batch_size=12,
                                 hidden_units=8, fast=True)
     sets = splits.load_data(tiny_folder, model.get_backbone(config.arch)).sets
-    plan = recipes.course_plan(recipes.new_model(sets, config), sets, config,
+    plan = recipes.course_plan(model.new_model(sets, config), sets, config,
                                torch.device("cpu"))
     history = train.fit(plan, torch.device("cpu"), log=None)
     assert len(updates) == 2 * 3 and all(torch.isfinite(torch.tensor(r["train_loss"]))

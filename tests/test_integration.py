@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_image_folder
-from helpers import backbones, checkpoint, cli, evaluate, recipes, splits
+from helpers import backbones, checkpoint, cli, evaluate, model, recipes, splits
 from helpers.config import TUNED, TrainConfig
 
 
@@ -60,7 +60,7 @@ def test_ten_real_flower_classes_beat_80_percent(real_data, tmp_path):
     config = TrainConfig(recipe="course", epochs=2, batch_size=32, learning_rate=2e-3,
                          hidden_units=512)
     found = splits.load_data(folder, backbones.get_backbone(config.arch), test_fraction=0)
-    clf = recipes.new_model(found.sets, config, names=found.names)
+    clf = model.new_model(found.sets, config, names=found.names)
     recipes.run_recipe(clf, found.sets, config, torch.device("cpu"), log=None)
     result = evaluate.evaluate_model(clf, found.sets["valid"].samples)
     assert result["n"] >= 50 and result["top1"] > 0.80

@@ -83,7 +83,7 @@ def _course(folder, **changes):
     config = TrainConfig.course(**({"arch": TINY, "epochs": 1, "batch_size": 12,
                                     "hidden_units": 32} | changes))
     sets = splits.load_data(folder, model.get_backbone(config.arch)).sets
-    clf = recipes.new_model(sets, config)
+    clf = model.new_model(sets, config)
     return config, sets, clf, recipes.course_plan(clf, sets, config, torch.device("cpu"))
 
 

@@ -15,6 +15,7 @@ from helpers import (
     cache,
     data,
     evaluate,
+    model,
     recipes,
     runtime,
     splits,
@@ -186,7 +187,7 @@ def _setup(folder, **changes):
     config = TrainConfig(**({"arch": "test_efficientnet", "batch_size": 12, "epochs": 2,
                              "probe_epochs": 3, "views": 1} | changes))
     sets = splits.load_data(folder, TINY).sets
-    return config, sets, recipes.new_model(sets, config)
+    return config, sets, model.new_model(sets, config)
 
 
 def test_cached_recipe_probes_fine_tunes_and_calibrates(tiny_folder):
@@ -238,7 +239,7 @@ def test_course_recipe_and_auto_choice(tiny_folder):
                                 hidden_units=16)
     assert config.recipe == "course" and config.learning_rate == 1e-3 and not config.fast
     _, sets, _ = _setup(tiny_folder)
-    clf = recipes.new_model(sets, config)
+    clf = model.new_model(sets, config)
     trained = recipes.run_recipe(clf, sets, config, torch.device("cpu"), log=None)
     assert len(trained.history) == 1
     assert sum(p.numel() for p in clf.parameters() if p.requires_grad) < 30_000
