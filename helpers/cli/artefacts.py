@@ -43,13 +43,31 @@ def cmd_app(args: argparse.Namespace) -> None:
     """Build the offline phone app (web page + model) into --out; --serve serves it on loopback."""
     from .. import webapp
 
-    built = webapp.build_app(args.checkpoint, out=args.out,
-                             precision="int8" if args.int8 else "fp32",
-                             calibration=args.calibration)
-    print(f"app in {built['out']}: {len(built['files'])} files, model "
-          f"{built['model_mb']:.1f} MB; {built['why']}")
-    if args.serve is not None:
-        webapp.serve(built["out"], port=args.serve)
+    # The port is taken before the build: a bad or busy one fails in a second, not after it.
+    server = (webapp.make_server(args.out, port=args.serve, built=False)
+              if args.serve is not None else None)
+    try:
+        built = webapp.build_app(args.checkpoint, out=args.out,
+                                 precision="int8" if args.int8 else "fp32",
+                                 calibration=args.calibration)
+        print(f"app in {built['out']}: {len(built['files'])} files, model "
+              f"{built['model_mb']:.1f} MB; {built['why']}")
+        if server is not None:
+            webapp.run_server(server)
+    finally:
+        if server is not None:
+            server.server_close()
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port from 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give one from 1 to 65535")
+    return port
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -85,7 +103,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "instead of fp32")
     p.add_argument("--calibration", help="--int8: training photos to calibrate on "
                                          "(default: the training folder the checkpoint records)")
-    p.add_argument("--serve", nargs="?", type=int, const=8000, metavar="PORT",
+    p.add_argument("--serve", nargs="?", type=port_number, const=8000, metavar="PORT",
                    help="then serve it on http://127.0.0.1:PORT (default port %(const)s)")
     p.set_defaults(func=cmd_app)
 
