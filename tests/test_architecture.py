@@ -18,7 +18,7 @@ PACKAGE = ROOT / "helpers"
 LAYERS = {
     "runtime": 0, "storage": 0, "distributed": 0, "images": 0, "config": 0, "__init__": 0,
     "backbones": 0,
-    "static_server": 0, "fixes": 0,
+    "static_server": 0, "fixes": 0, "headers": 0,
     "names": 1, "engine": 1, "data": 1,
     "download": 2, "model": 2, "splits": 2, "onnx_io": 2, "trunk": 2, "batches": 2,
     "checkpoint": 3, "cache": 3, "train": 3,

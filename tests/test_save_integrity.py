@@ -16,6 +16,7 @@ import torch
 
 from conftest import ROOT, make_image_folder
 from helpers import calibration, cli, inference, model, storage
+from helpers import run as run_module
 from helpers.cli import training
 from helpers.engine import engine_path, open_engine, read_header
 from helpers.export import save_with_metadata
@@ -208,7 +209,8 @@ def test_calibration_needs_enough_held_out_images():
 def test_the_lock_is_taken_before_the_data_is_read(folder, tmp_path, monkeypatch):
     """The lock is the first thing a run takes after its options: a refused run reads no data."""
     seen = []
-    monkeypatch.setattr(training, "_train", lambda *a, **k: seen.append(
+    monkeypatch.setattr(run_module, "_run", lambda *a, **k: seen.append(
         (tmp_path / "out" / ".lock").exists()))
+    monkeypatch.setattr(training, "print_figures", lambda done: None)
     assert cli.main(["train", str(folder), "--save_dir", str(tmp_path / "out")]) == 0
     assert seen == [True] and not (tmp_path / "out" / ".lock").exists()
