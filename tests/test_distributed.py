@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -146,7 +147,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> in
 
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_and_resuming_gives_the_same_weights(runs, reference):
-    root, _, env, command = runs
+    root, folder, env, command = runs
     out = root / "stopped"
     launcher = subprocess.Popen(command(out), env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -168,9 +169,10 @@ def test_sigterm_to_one_rank_stops_both_and_resuming_gives_the_same_weights(runs
     assert "Root Cause" in report and report.split("Root Cause", 1)[1].count(": 130") == 1
     state = checkpoint.read_resume(out / "last.pth")
     assert 1 <= state["epoch"] < EPOCHS
-    resumed = subprocess.run(command(out, "--resume", str(out / "last.pth")), env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(root / "probe.py"),
+              str(folder), "--save_dir", str(out), "--resume", str(out / "last.pth")]
+    resumed = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]  # the saved settings, none typed
     expected = _last_weights(root / "ddp")
     got = _last_weights(out)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
@@ -187,3 +189,67 @@ def test_the_cached_recipe_runs_on_rank_0_and_the_others_leave(runs):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "the cached recipe runs on one process" in done.stdout
     assert done.stdout.count("checkpoint: ") == 1 and (out / "checkpoint.pth").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_rank_leaves_the_other_one_line_that_resumes(runs):
+    """SIGKILL one rank mid-training: the other says in one line that its peer stopped and
+    how to resume, leaves promptly (torchrun's SIGKILL comes 30 s after its SIGTERM), and the
+    printed command resumes the run."""
+    root, folder, env, _ = runs
+    out = root / "killed"
+    launcher = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2",
+                                 "train.py", str(folder), "--save_dir", str(out), *EXACT,
+                                 "--batch_size", "6", "--epochs", str(EPOCHS)],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    rank0 = _rank_pid(launcher, 0)  # rank 1 survives: it never waits as the root of a send
+    deadline = time.time() + 120
+    while not (out / "last.pth").is_file() and time.time() < deadline:
+        time.sleep(0.02)  # the first epoch is saved: training is under way
+    os.kill(rank0, signal.SIGKILL)
+    killed = time.time()
+    log, err = launcher.communicate(timeout=120)
+    print(f"torchrun ended {time.time() - killed:.1f} s after the kill; "
+          f"{len((log + err).splitlines())} lines in all")
+    assert time.time() - killed < 25
+    assert launcher.returncode == 1  # torchrun's status when a process failed
+    ranks, report = err.split("failed (exitcode:", 1)  # the ranks' lines, then torchrun's
+    own = [line for line in ranks.splitlines() if not re.match(r"[WEI]\d{4} ", line)]
+    assert "Traceback" not in ranks and len(own) == 1, ranks
+    line = own[0]
+    assert line.startswith("error: another process of the run stopped"), line
+    assert line.endswith(f"--resume {out / 'last.pth'}") and "resume with: " in line, line
+    assert sorted(re.findall(r"exitcode\s*: (-?\d+)", report)) == ["-9", "130"], report
+    assert len((log + err).splitlines()) < 70
+    state = checkpoint.read_resume(out / "last.pth")
+    assert 1 <= state["epoch"] < EPOCHS
+    again = shlex.split(line.split("resume with: ", 1)[1])
+    again[0] = {"python": sys.executable, "torchrun": str(TORCHRUN)}[again[0]]
+    resumed = subprocess.run(again, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert checkpoint.read_resume(out / "last.pth")["epoch"] == EPOCHS
+    assert (out / "checkpoint.pth").is_file()
+
+
+def test_what_counts_as_a_lost_process_and_how_long_collectives_wait(monkeypatch):
+    from helpers.distributed import collective_timeout, lost_peer, relaunch
+    from helpers.runtime import UserError
+
+    gone = "[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:36545: Connection reset by peer"
+    assert lost_peer(RuntimeError(gone)) and lost_peer(torch.distributed.DistBackendError("x"))
+    assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not lost_peer(RuntimeError("DataLoader timed out after 5 seconds"))  # not a peer
+    monkeypatch.setenv("FLOWERS_DIST_TIMEOUT", "42")
+    assert collective_timeout() == 42
+    monkeypatch.setenv("FLOWERS_DIST_TIMEOUT", "soon")
+    with pytest.raises(UserError, match="FLOWERS_DIST_TIMEOUT"):
+        collective_timeout()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert relaunch("python train.py d --save_dir s") == "python train.py d --save_dir s"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (relaunch("python train.py d --save_dir s")
+            == "torchrun --standalone --nproc_per_node=2 train.py d --save_dir s")
