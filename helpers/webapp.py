@@ -3,9 +3,10 @@
 `build_app(checkpoint, out=...)` writes the model (fp32; static int8 with precision="int8"),
 specialised for one photo at a time, `model.json` (names and preprocessing, which
 onnxruntime-web cannot read from the ONNX metadata), the page and service worker shipped in
-`helpers/webapp/`, and the onnxruntime-web wasm runtime from npm (checked against the tarball
-package-lock.json pins), each file whole or not at all. `serve(folder, port=...)` serves it
-on loopback with the headers that let the wasm runtime use threads (static_server.py).
+`helpers/app_page/`, its icons (drawn), and the onnxruntime-web wasm runtime from npm
+(checked against the tarball package-lock.json pins), each file whole or not at all.
+`serve(folder, port=...)` serves it on loopback with the headers that let the wasm runtime
+use threads (static_server.py).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from .runtime import (
 from .static_server import StaticHandler, StaticServer
 from .storage import cache_dir
 
-WEBAPP = Path(__file__).resolve().parent / "webapp"
-STATIC = ["index.html", "app.js", "preprocess.js", "style.css", "manifest.webmanifest",
-          "icons/icon-192.png", "icons/icon-512.png"]
+PAGE = Path(__file__).resolve().parent / "app_page"  # the page's sources, copied as they are
+STATIC = ["index.html", "app.js", "preprocess.js", "style.css", "manifest.webmanifest"]
+ICONS = {f"icons/icon-{size}.png": size for size in (192, 512)}  # drawn by draw_icon
 # The wasm backend's loader and runtime: all the app needs from the onnxruntime-web package.
 ORT_FILES = ["ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"]
 HOST = "127.0.0.1"  # loopback only
@@ -107,7 +108,7 @@ def calibration_folder(ckpt: dict[str, Any], calibration: str | os.PathLike | No
 
 def _lock_entry() -> tuple[str, str]:
     """onnxruntime-web's version and tarball integrity (sha512) pinned in package-lock.json."""
-    entry = json.loads((WEBAPP / "package-lock.json").read_text())["packages"][
+    entry = json.loads((PAGE / "package-lock.json").read_text())["packages"][
         "node_modules/onnxruntime-web"]
     return entry["version"], entry["integrity"]
 
@@ -164,7 +165,7 @@ def ort_dist() -> Path:
     checked.unlink(missing_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     for name in ("package.json", "package-lock.json"):
-        atomic_copy(WEBAPP / name, cache / name)
+        atomic_copy(PAGE / name, cache / name)
     digests = _tarball_digests(npm, cache, version, integrity)
     if not _intact(dist, digests):  # not installed, or damaged (an interrupted npm ci)
         _npm(npm, cache, "ci")
@@ -181,7 +182,7 @@ def _service_worker(out: Path, files: list[str]) -> None:
     digest = hashlib.sha256()
     for name in files:
         digest.update(name.encode() + (out / name).read_bytes())
-    text = (WEBAPP / "sw.js").read_text()
+    text = (PAGE / "sw.js").read_text()
     text = text.replace("__VERSION__", digest.hexdigest()[:12])
     text = text.replace("__FILES__", json.dumps(["./", *files]))
     atomic_write_bytes(text.encode(), out / "sw.js")
@@ -239,10 +240,14 @@ def _write_app(model, out: Path, *, dist: Path, calibration: Path | None,
     meta = app_metadata(model, precision=precision)
     atomic_write_bytes(json.dumps(meta, indent=1).encode(), out / "model.json")
     for name in STATIC:
-        atomic_copy(WEBAPP / name, out / name)
+        atomic_copy(PAGE / name, out / name)
+    for name, size in ICONS.items():
+        icon = io.BytesIO()
+        draw_icon(size).save(icon, "PNG", optimize=True)
+        atomic_write_bytes(icon.getvalue(), out / name)
     for name in ORT_FILES:
         atomic_copy(dist / name, out / "ort" / name)
-    files = [*STATIC, "model.json", "model.onnx", *(f"ort/{n}" for n in ORT_FILES)]
+    files = [*STATIC, *ICONS, "model.json", "model.onnx", *(f"ort/{n}" for n in ORT_FILES)]
     _service_worker(out, files)
     return [*files, "sw.js"]
 

@@ -45,7 +45,7 @@ def js_preprocess(pixels: np.ndarray, meta: dict, tmp_path: Path) -> np.ndarray:
     (tmp_path / "pixels.raw").write_bytes(np.ascontiguousarray(pixels).tobytes())
     h, w, c = pixels.shape
     meta = {**meta, "width": w, "height": h, "channels": c}
-    subprocess.run([NODE, str(driver), str(webapp.WEBAPP / "preprocess.js"),
+    subprocess.run([NODE, str(driver), str(webapp.PAGE / "preprocess.js"),
                     str(tmp_path / "pixels.raw"), json.dumps(meta), str(tmp_path / "out.raw")],
                    check=True, capture_output=True, timeout=60)
     size = meta["input_size"]
@@ -85,20 +85,16 @@ def test_js_crop_rounds_halves_like_python(tmp_path):
                                   process_image(Image.fromarray(pixels)))
 
 
-def test_icons_are_the_drawing_and_package_data_lists_every_file():
-    for size in (192, 512):
-        icon = Image.open(webapp.WEBAPP / "icons" / f"icon-{size}.png")
-        np.testing.assert_array_equal(np.asarray(icon.convert("RGB")),
-                                      np.asarray(webapp.draw_icon(size)))
+def test_package_data_lists_every_file_of_the_page():
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"]["helpers"]
-    shipped = [p.relative_to(webapp.WEBAPP.parent).as_posix()
-               for p in webapp.WEBAPP.rglob("*") if p.is_file()]
+    shipped = [p.relative_to(webapp.PAGE.parent).as_posix()
+               for p in webapp.PAGE.rglob("*") if p.is_file()]
     assert "node_modules" not in " ".join(shipped)
     assert all(any(fnmatch(name, g) for g in globs) for name in shipped), shipped
     assert {*webapp.STATIC, "sw.js", "package.json", "package-lock.json"} <= {
-        Path(name).relative_to("webapp").as_posix() for name in shipped}
-    lock = json.loads((webapp.WEBAPP / "package-lock.json").read_text())
+        Path(name).relative_to("app_page").as_posix() for name in shipped}
+    lock = json.loads((webapp.PAGE / "package-lock.json").read_text())
     assert lock["packages"]["node_modules/onnxruntime-web"]["version"] == "1.30.0"
 
 
@@ -181,6 +177,11 @@ def _check_app_files(out: Path, precision: str) -> None:
     for name in [*webapp.STATIC, "sw.js", "model.json", "model.onnx",
                  *(f"ort/{n}" for n in webapp.ORT_FILES)]:
         assert (out / name).is_file(), name
+    for name, size in webapp.ICONS.items():  # drawn at build time, no photo
+        icon = Image.open(out / name)
+        assert icon.size == (size, size)
+        np.testing.assert_array_equal(np.asarray(icon.convert("RGB")),
+                                      np.asarray(webapp.draw_icon(size)))
     meta = json.loads((out / "model.json").read_text())
     assert meta["class_names"] == ["pink primrose", "globe thistle", "hard-leaved pocket orchid"]
     assert meta["class_ids"] == ["1", "10", "2"] and meta["precision"] == precision

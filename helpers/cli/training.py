@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..backbones import BACKBONES
 from ..config import TUNED, TrainConfig
-from ..distributed import Distributed
+from ..distributed import Distributed, relaunch
 from ..runtime import UserError, atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -191,7 +191,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     with distributed(args.gpu) as (dist, device):
         train_command(args, data_root=Path(args.data_dir), out=Path(args.save_dir),
                       device=device, dist=dist,
-                      again=f"python train.py {args.data_dir} --save_dir {args.save_dir}")
+                      again=relaunch(f"python train.py {args.data_dir} "
+                                     f"--save_dir {args.save_dir}"))
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
