@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from torchvision import transforms
 
 from conftest import ROOT, isolated_env, make_image_folder
 from helpers import backbones, checkpoint, cli, data, images, runtime, splits
@@ -79,8 +80,13 @@ def test_any_size_and_mode_gives_a_valid_input(width, height, mode, seed):
     upright = images.to_rgb(image)
     assert upright.mode == "RGB" and upright.size == (width, height)
     array = process_image(image)
-    assert array.shape == (3, 224, 224) and np.isfinite(array).all()
-    assert -1.0 <= array.min() and array.max() <= 1.0
+    # The reference: torchvision's own Resize, CenterCrop, ToTensor and Normalize.
+    reference = transforms.Compose([
+        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])(upright).numpy()
+    assert array.shape == (3, 224, 224) and array.dtype == np.float32
+    np.testing.assert_allclose(array, reference, rtol=0, atol=1e-6)
 
 
 def test_corrupt_training_images_are_listed_and_left_out(tmp_path):
@@ -160,7 +166,7 @@ def hook(optimizer, args, kwargs):
 register_optimizer_step_post_hook(hook)
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-PHASE_LINE = re.compile(r"^(\S+): [\d,]+ parameters train, (\d+) epoch\(s\) of (\d+) batches",
+PHASE_LINE = re.compile(r"^(.+?): [\d,]+ parameters train, (\d+) epoch\(s\) of (\d+) batches",
                         re.MULTILINE)
 
 
