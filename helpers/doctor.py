@@ -1,7 +1,7 @@
 """The data doctor: what is wrong with a folder of photos, found before training on it.
 
 - exact duplicates (the same bytes) and near-duplicates (re-encoded, resized, cropped or
-  recoloured copies: a perceptual hash and the cosine of the backbone's pooled features);
+  recoloured copies: perceptual hashes and backbone features, helpers/likeness.py);
 - suspected label errors: out-of-sample probabilities of a k-fold logistic regression on
   the pooled features, ranked by confident learning (cleanlab);
 - strangers: photos far from every other (no flower, a blank frame), unreadable or tiny files;
@@ -17,7 +17,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,14 @@ from .cache import ActivationCache
 from .config import TrainConfig
 from .fixes import Fixes, apply_fixes
 from .images import check_image, list_image_files
+from .likeness import image_facts, near_duplicate_groups, neighbours, unit
 from .splits import DataSplits, duplicate_groups, load_data
 
 DEFAULTS = TrainConfig()
 FOLDS = 5  # out-of-sample probabilities: each photo judged by a model that never saw it
-NEAR_COSINE = 0.93  # pooled features this alike are the same photo, edited
-NEAR_HASH_BITS = 10  # of 64: perceptual hashes this close, with features at least ...
-NEAR_HASH_COSINE = 0.85  # ... this alike, are the same photo too
-NEIGHBOURS = 5  # a stranger is far from its nearest few photos
-STRANGER_FENCE = 4.0  # ... farther than the median by this many (scaled) MADs
+STRANGER_FENCE = 4.0  # a stranger is farther from its nearest photos than the median by
+# this many (scaled) MADs
+STRANGER_RATIO = 2.5  # ... and this many times as far as those nearest photos are from theirs
 TINY = 32  # pixels: a shorter side below it is a thumbnail or an icon, not a photo
 BLANK = 2.0  # grey-level spread below which a frame is blank
 
@@ -49,102 +47,21 @@ def _pooled(tail: torch.nn.Module, acts: torch.Tensor) -> np.ndarray:
         return torch.cat([tail(part.float()).float() for part in acts.split(256)]).numpy()
 
 
-def pooled_features(loaded: DataSplits, *, arch: str = DEFAULTS.arch,
-                    tail_stages: int = DEFAULTS.tail_stages,
-                    log: Callable[[str], None] | None = print) -> dict[str, np.ndarray]:
-    """Pooled backbone features of each set's centre views, through the activation cache."""
+def features(loaded: DataSplits, *, arch: str = DEFAULTS.arch,
+             tail_stages: int = DEFAULTS.tail_stages,
+             log: Callable[[str], None] | None = print) -> tuple[np.ndarray, torch.Tensor]:
+    """Pooled backbone features and flattened trunk maps (fp16) of every photo of every set,
+    in set order, from their centre views through the activation cache (as training keys it)."""
     spec = get_backbone(arch)
     cache = ActivationCache(spec, spec.build(True), tail_stages=tail_stages,
                             device=torch.device("cpu"), log=log)
-    features = {split: _pooled(cache.tail, cache.get(ds, "centre"))
-                for split, ds in loaded.sets.items()}
+    pooled, maps = [], []
+    for ds in (ds for ds in loaded.sets.values() if len(ds)):
+        acts = cache.get(ds, "centre")
+        pooled.append(_pooled(cache.tail, acts))
+        maps.append(acts.contiguous().flatten(1))
     cache.release()
-    return features
-
-
-def image_facts(paths: list[str]) -> tuple[np.ndarray, list[tuple[int, int]], np.ndarray]:
-    """Each image's 64-bit perceptual hash, its (width, height), and its grey-level spread."""
-    from imagehash import phash
-    from PIL import Image
-
-    def facts(path: str) -> tuple[int, tuple[int, int], float]:
-        with Image.open(path) as image:
-            size = image.size
-            image.draft("L", (64, 64))  # JPEG: decode at a fraction of the size, fast
-            grey = image.convert("L")
-        bits = phash(grey).hash.flatten()
-        spread = float(np.asarray(grey.resize((32, 32)), dtype=np.float32).std())
-        return int("".join("1" if b else "0" for b in bits), 2), size, spread
-
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        found = list(pool.map(facts, paths))
-    hashes = np.array([h for h, _, _ in found], dtype=np.uint64)
-    return hashes, [s for _, s, _ in found], np.array([s for _, _, s in found])
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def neighbours(features: np.ndarray, *, k: int = NEIGHBOURS) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and cosines of each row's k most alike other rows, most alike first."""
-    unit = _unit(features.astype(np.float32))
-    k = max(1, min(k, len(unit) - 1))
-    index, cosine = [], []
-    for start in range(0, len(unit), 1024):
-        sims = unit[start:start + 1024] @ unit.T
-        rows = np.arange(len(sims))
-        sims[rows, rows + start] = -np.inf  # never one's own neighbour
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        top_sims = np.take_along_axis(sims, top, axis=1)
-        order = np.argsort(-top_sims, axis=1)
-        index.append(np.take_along_axis(top, order, axis=1))
-        cosine.append(np.take_along_axis(top_sims, order, axis=1))
-    return np.concatenate(index), np.concatenate(cosine)
-
-
-def _hash_pairs(hashes: np.ndarray, *, bits: int) -> list[tuple[int, int]]:
-    """Pairs (i < j) of perceptual hashes at most `bits` apart."""
-    pairs = []
-    for start in range(0, len(hashes), 1024):
-        distance = np.bitwise_count(hashes[start:start + 1024, None] ^ hashes[None, :])
-        for i, j in zip(*np.nonzero(distance <= bits), strict=True):
-            if start + i < j:
-                pairs.append((int(start + i), int(j)))
-    return pairs
-
-
-def _groups(pairs: list[tuple[int, int]], n: int) -> list[list[int]]:
-    """Connected groups (two or more) of a graph on n nodes given by its edges."""
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in pairs:
-        parent[find(i)] = find(j)
-    members: dict[int, list[int]] = {}
-    for i in range(n):
-        members.setdefault(find(i), []).append(i)
-    return sorted((g for g in members.values() if len(g) > 1), key=lambda g: g[0])
-
-
-def near_duplicate_groups(features: np.ndarray, hashes: np.ndarray, *,
-                          exact: list[list[int]]) -> list[list[int]]:
-    """Groups of edited copies: features alike, or hashes close and features fairly alike;
-    groups made only of byte-identical files (already reported as such) are left out."""
-    index, cosine = neighbours(features)
-    pairs = [(i, int(j)) for i in range(len(index)) for j, c in zip(index[i], cosine[i],
-                                                                     strict=True)
-             if c >= NEAR_COSINE]
-    unit = _unit(features.astype(np.float32))
-    pairs += [(i, j) for i, j in _hash_pairs(hashes, bits=NEAR_HASH_BITS)
-              if float(unit[i] @ unit[j]) >= NEAR_HASH_COSINE]
-    same = {i: group[0] for group in exact for i in group}
-    return [g for g in _groups(pairs, len(features)) if len({same.get(i, i) for i in g}) > 1]
+    return np.concatenate(pooled), torch.cat(maps)
 
 
 def out_of_sample_probs(features: np.ndarray, labels: np.ndarray, *, classes: int,
@@ -153,7 +70,7 @@ def out_of_sample_probs(features: np.ndarray, labels: np.ndarray, *, classes: in
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
-    x = _unit(features.astype(np.float32))
+    x = unit(features.astype(np.float32))
     x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
     folds = max(2, min(folds, int(np.bincount(labels, minlength=classes).max())))
     probs = np.full((len(x), classes), 1.0 / classes)
@@ -182,14 +99,17 @@ def label_issues(probs: np.ndarray, labels: np.ndarray) -> list[tuple[int, float
     return [(int(rows[i]), float(scores[i])) for i in order]
 
 
-def stranger_scores(features: np.ndarray) -> tuple[np.ndarray, float]:
-    """Each photo's mean cosine distance to its nearest others, and the fence beyond which it
-    is a stranger (the median plus STRANGER_FENCE scaled median absolute deviations)."""
-    _, cosine = neighbours(features)
+def stranger_scores(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each photo's mean cosine distance to its nearest others, and whether it is a stranger:
+    beyond the median by STRANGER_FENCE scaled median absolute deviations, and STRANGER_RATIO
+    times as far as its neighbours are from theirs (a sparse class is no stranger)."""
+    index, cosine = neighbours(features)
     distance = 1.0 - cosine.mean(1)
     median = float(np.median(distance))
     mad = 1.4826 * float(np.median(np.abs(distance - median)))
-    return distance, median + STRANGER_FENCE * max(mad, 0.01)
+    ratio = distance / np.maximum(distance[index].mean(1), 1e-6)
+    return distance, (distance > median + STRANGER_FENCE * max(mad, 0.01)) & (
+        ratio > STRANGER_RATIO)
 
 
 def unreadable(loaded: DataSplits) -> list[tuple[str, str]]:
@@ -240,23 +160,24 @@ def examine(data: str | os.PathLike, *, names_file: str | os.PathLike | None = N
     loaded = load_data(data, get_backbone(DEFAULTS.arch), valid_fraction=valid_fraction,
                        test_fraction=test_fraction, names_file=names_file)
     root, folders = loaded.root, sorted(loaded.class_to_idx, key=loaded.class_to_idx.get)
-    feats = pooled_features(loaded, log=log)
-    samples = [(p, c) for ds in loaded.sets.values() for p, c in ds.samples]
+    loaded_samples = [(p, c) for ds in loaded.sets.values() for p, c in ds.samples]
     where = {p: s for s, ds in loaded.sets.items() for p, _ in ds.samples}
-    rows = {p: i for i, (p, _) in enumerate(samples)}
-    features = np.concatenate([feats[s] for s in loaded.sets])
-    if fixes:
-        samples = apply_fixes(samples, fixes=fixes, root=root, class_to_idx=loaded.class_to_idx)
-        features = features[[rows[p] for p, _ in samples]]
+    samples = apply_fixes(loaded_samples, fixes=fixes, root=root,
+                          class_to_idx=loaded.class_to_idx) if fixes else loaded_samples
+    # features of the photos as loaded, so that the cached activations serve a fixed folder
+    pooled, maps = features(loaded, log=log)
+    rows = {p: i for i, (p, _) in enumerate(loaded_samples)}
+    kept = [rows[p] for p, _ in samples]
+    pooled, maps = pooled[kept], maps[kept]
     paths = [p for p, _ in samples]
     rel = [Path(p).relative_to(root).as_posix() for p in paths]
     labels = np.array([c for _, c in samples])
     splits = [where[p] for p in paths]
     hashes, sizes, spread = image_facts(paths)
     exact = duplicate_groups(paths)
-    near = near_duplicate_groups(features, hashes, exact=exact)
-    probs = out_of_sample_probs(features, labels, classes=len(folders))
-    distance, fence = stranger_scores(features)
+    near = near_duplicate_groups(pooled, maps, hashes, exact=exact)
+    probs = out_of_sample_probs(pooled, labels, classes=len(folders))
+    distance, far = stranger_scores(pooled)
 
     def group(members: list[int]) -> dict[str, Any]:
         members = sorted(members, key=lambda i: rel[i])
@@ -264,23 +185,25 @@ def examine(data: str | os.PathLike, *, names_file: str | os.PathLike | None = N
                 "classes": [folders[labels[i]] for i in members],
                 "splits": [splits[i] for i in members]}
 
-    strangers = [{"path": path, "score": 1.0, "why": why} for path, why in unreadable(loaded)]
+    strangers = [{"path": path, "score": 1.0, "why": why} for path, why in unreadable(loaded)
+                 if path not in (fixes.exclude if fixes else ())]
     for i in range(len(rel)):
         if min(sizes[i]) < TINY:
             why = f"tiny ({sizes[i][0]} x {sizes[i][1]} pixels)"
         elif spread[i] < BLANK:
             why = "blank frame"
-        elif distance[i] > fence:
+        elif far[i]:
             why = "far from every other photo"
         else:
             continue
         strangers.append({"path": rel[i], "score": round(float(distance[i]), 4), "why": why})
     strangers.sort(key=lambda s: -s["score"])
+    odd = {s["path"] for s in strangers}  # a photo of no class has no wrong class either
     issues = [{"path": rel[i], "given": folders[labels[i]],
                "suggested": folders[int(probs[i].argmax())], "score": round(score, 4),
                "given_name": loaded.names[labels[i]],
                "suggested_name": loaded.names[int(probs[i].argmax())], "split": splits[i]}
-              for i, score in label_issues(probs, labels)]
+              for i, score in label_issues(probs, labels) if rel[i] not in odd]
     return {"data": str(root), "duplicates": [group(g) for g in exact],
             "near_duplicates": [group(g) for g in near], "label_issues": issues,
             "strangers": strangers,

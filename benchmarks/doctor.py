@@ -1,0 +1,95 @@
+"""The data doctor on the course split: what it finds, how well it finds planted label errors,
+and how long it takes.
+
+    FLOWERS_DIR=../shared/data/flowers nice .venv/bin/python benchmarks/doctor.py
+
+1. The doctor on the data as it is, from an empty cache (a fresh FLOWERS_CACHE unless
+   --warm): the trunk runtime measured, every photo's activations extracted. Prints the
+   exact and near-duplicate groups by kind (the course split has copies across splits, e.g.
+   train/31/image_08077.jpg = valid/31/image_08067.jpg) and the other findings.
+2. Planted label errors: a seeded 2 % of the training photos relabelled to another class at
+   random (through a fixes file's relabel, the data folder untouched), the doctor run again
+   (its activations now cached); recall is the share of planted photos among the top 2 % of
+   suspects (as many suspects as planted photos). Goal: >= 80 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from helpers.data import data_dir  # noqa: E402
+from helpers.doctor import examine  # noqa: E402
+from helpers.fixes import Fixes  # noqa: E402
+
+KINDS = ("within-class", "across-classes", "across-splits")
+KNOWN_LEAK = ["train/31/image_08077.jpg", "valid/31/image_08067.jpg"]
+
+
+def planted_errors(report: dict, *, root: Path, share: float, seed: int) -> dict[str, str]:
+    """A seeded share of the training photos, each with another class folder at random."""
+    rng = random.Random(seed)
+    classes = sorted(report["counts"]["classes"])
+    train = sorted(p.relative_to(root).as_posix() for p in (root / "train").rglob("*.jpg"))
+    chosen = rng.sample(train, round(share * len(train)))
+    return {path: rng.choice([c for c in classes if c != path.split("/")[1]])
+            for path in chosen}
+
+
+def main() -> None:
+    """Run the doctor twice (as is, then with planted errors) and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(data_dir()), help="default: $FLOWERS_DIR")
+    parser.add_argument("--share", type=float, default=0.02, help="share of train relabelled")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm", action="store_true", help="keep $FLOWERS_CACHE (not cold)")
+    args = parser.parse_args()
+    root = Path(args.data).resolve()
+    if not args.warm:
+        os.environ["FLOWERS_CACHE"] = tempfile.mkdtemp(prefix="doctor-bench-cache-")
+
+    tic = time.perf_counter()
+    report = examine(root, log=print)
+    cold = time.perf_counter() - tic
+    relabel = planted_errors(report, root=root, share=args.share, seed=args.seed)
+    tic = time.perf_counter()
+    planted = examine(root, fixes=Fixes(relabel=relabel, source="planted"), log=None)
+    warm = time.perf_counter() - tic
+    top = [issue["path"] for issue in planted["label_issues"][:len(relabel)]]
+    found = len(set(top) & set(relabel))
+
+    exact, near = (Counter(g["kind"] for g in report[key]) for key in ("duplicates",
+                                                                        "near_duplicates"))
+    leak = any(sorted(g["paths"]) == KNOWN_LEAK and g["kind"] == "across-splits"
+               for g in report["duplicates"])
+    print(f"\ndata: {root} ({report['counts']['total']} photos), cache "
+          f"{'kept' if args.warm else 'empty at the start'}\n")
+    print("| measure | value |\n|---|---|")
+    for kind in KINDS:
+        print(f"| exact duplicate groups, {kind} | {exact[kind]} |")
+    for kind in KINDS:
+        print(f"| near-duplicate groups, {kind} | {near[kind]} |")
+    print(f"| {' = '.join(KNOWN_LEAK)} found across splits | {'yes' if leak else 'no'} |")
+    print(f"| suspected label errors (as is) | {len(report['label_issues'])} |")
+    print(f"| strangers and unusable files (as is) | {len(report['strangers'])} |")
+    print(f"| imbalance (largest / smallest class) | {report['counts']['imbalance']} |")
+    print(f"| planted label errors ({args.share:.0%} of train, seed {args.seed}) | "
+          f"{len(relabel)} |")
+    print(f"| planted among the top {len(relabel)} suspects (recall, goal >= 80 %) | "
+          f"{found} ({found / max(len(relabel), 1):.1%}) |")
+    print(f"| suspects flagged with planted errors | {len(planted['label_issues'])} |")
+    print(f"| doctor wall time, empty cache (extraction included) | {cold:.0f} s |")
+    print(f"| doctor wall time, activations cached | {warm:.0f} s |")
+
+
+if __name__ == "__main__":
+    main()
