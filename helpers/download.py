@@ -135,6 +135,7 @@ def ensure_data(root: str | os.PathLike | None = None, *, source: str = "course"
     root.parent.mkdir(parents=True, exist_ok=True)
     if source not in ("course", "flowers102"):
         raise DataError(f"unknown data source {source!r}; choose course or flowers102")
+    base_url = base_url or os.environ.get("FLOWERS_DATA_URL") or None  # a mirror, or a test's
     try:
         return _download_and_arrange(root, source, base_url, md5s, num_classes, num_images)
     except DataError as err:
