@@ -29,6 +29,8 @@ def _show(model: Classifier, image: Image.Image, title: str, output) -> None:
         fig = plot_prediction(image, result, title=title)
         display(fig)
         plt.close(fig)
+        # What was shown last, for a test to check without a notebook's front end.
+        output.last_shown = {"title": title, "prediction": result, "figure": fig}
         if result.is_unsure(model.unsure_below):
             print(f"Not sure: the top probability {result.probs[0]:.0%} is below "
                   f"{model.unsure_below:.0%}; a closer, sharper photo may help.")
