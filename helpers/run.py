@@ -97,7 +97,9 @@ def _run(root: Path, *, typed: dict[str, Any], device: torch.device, out: Path |
          log: Callable[[str], None]) -> Result | None:
     """run's work, in the held save folder."""
     start = time.perf_counter()
-    found = splits.load_data(root, model.get_backbone(typed.get("arch", TrainConfig.arch)),
+    # A resumed run is the saved run: its backbone decides how the images are prepared.
+    saved = checkpoint.read_resume(resume)["identity"]["config"] if resume else typed
+    found = splits.load_data(root, model.get_backbone(saved.get("arch", TrainConfig.arch)),
                              valid_fraction=fractions[0], test_fraction=fractions[1],
                              names_file=names_file)
     for line in found.messages:
@@ -107,7 +109,7 @@ def _run(root: Path, *, typed: dict[str, Any], device: torch.device, out: Path |
     config = settle(typed, device_type=device.type, images_per_class=per_class)
     changed = [f"{k} {getattr(config, k)}" for k in TrainConfig.__dataclass_fields__
                if getattr(config, k) != getattr(before, k)]
-    if changed:
+    if changed and not resume:
         log(f"{per_class:.0f} training images a class: {', '.join(changed)} (type an option "
             "to choose it yourself)")
     identity = {"class_to_idx": found.class_to_idx, "data_digest": found.digest(),
