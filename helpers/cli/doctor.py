@@ -49,8 +49,10 @@ def render(report: dict[str, Any], *, top: int = 5) -> str:
     lines += _groups("exact duplicates", report["duplicates"], top=top)
     lines += _groups("near-duplicates", report["near_duplicates"], top=top)
     issues = report["label_issues"]
+    sure = sum(i.get("confident", False) for i in issues)
     lines.append(f"suspected label errors: {len(issues) or 'none'}"
-                 + (" (most suspicious first)" if issues else ""))
+                 + (f" ({sure} flagged by confident learning; most suspicious first)"
+                    if issues else ""))
     lines += [f"  {i['score']:.2f} {i['path']}: labelled {i['given_name']} ({i['given']}), "
               f"looks like {i['suggested_name']} ({i['suggested']})" for i in issues[:top]]
     if issues:
