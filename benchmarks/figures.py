@@ -24,7 +24,7 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import checkpoint, data, gradcam, plots, predict, report, runtime, splits  # noqa: E402
+from helpers import checkpoint, data, gradcam, plots, prediction, report, runtime, splits  # noqa: E402
 from helpers import report_plots as insight_plots  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "hubble_deep_field",
@@ -41,7 +41,7 @@ def main(ckpt_path: str) -> None:
     plots.save_figure(plots.plot_history(history), assets / "training_curves.png")
     image_path, label = sets["test"].samples[0]
     fig, ax = plt.subplots(figsize=(5, 3))
-    plots.plot_topk_bars(predict.predict(image_path, model), ax,
+    plots.plot_topk_bars(prediction.predict(image_path, model), ax,
                          true_name=model.class_names[label])
     ax.set_title(f"top-5 for a test image of {model.class_names[label]}")
     plots.save_figure(fig, assets / "top5_bars.png")
@@ -60,13 +60,13 @@ def main(ckpt_path: str) -> None:
     unsure = 0
     for name in PHOTOS:
         photo = Image.fromarray(getattr(skimage.data, name)())
-        result = predict.predict(photo, model)
+        result = prediction.predict(photo, model)
         unsure += result.probs[0] < model.unsure_below
         print(f"  {name}: {result.names[0]} {result.probs[0]:.1%}")
     print(f"scikit-image photos (not flowers): {unsure}/{len(PHOTOS)} unsure")
     photo = Image.fromarray(skimage.data.coffee())
     shown, cam = gradcam.explain(model, photo)
-    fig = insight_plots.plot_gradcam(shown, cam, predict.predict(photo, model),
+    fig = insight_plots.plot_gradcam(shown, cam, prediction.predict(photo, model),
                                      unsure_below=model.unsure_below)
     plots.save_figure(fig, assets / "gradcam_coffee.png")
 

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from .model import Classifier
-from .predict import process_for, view_for
+from .prediction import process_for, view_for
 
 
 def target_layer(backbone: nn.Module) -> nn.Module:

@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .predict import Prediction
+from .prediction import Prediction
 from .runtime import atomic_write
 
 
@@ -81,7 +81,7 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
 def show_images(images: Sequence[np.ndarray], titles: Sequence[str], *, mean: Sequence[float],
                 std: Sequence[float], columns: int = 4) -> Figure:
     """A grid of processed (3 x H x W, normalised) images with their titles."""
-    from .predict import imshow
+    from .prediction import imshow
 
     rows = -(-len(images) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)

@@ -1,4 +1,4 @@
-"""Training recipes: each builds a `train.Plan` (what trains on what); `train.fit` runs it.
+"""Training recipes: each builds a `plan.Plan` (what trains on what); `loop.fit` runs it.
 
 - cached (the CPU default): the frozen trunk's activations are computed once (in the
   fastest runtime on this CPU, trunk.py) and cached; a linear probe trains the head on
@@ -32,9 +32,10 @@ from .data import eval_transform, images_per_class, make_loaders, with_transform
 from .distributed import Distributed
 from .evaluate import topk_accuracy
 from .inference import logits_of
+from .loop import fit, predict_probs
 from .model import Classifier
+from .plan import Phase, Plan
 from .runtime import StopFlag, autocast
-from .train import Phase, Plan, fit, predict_probs
 
 
 def final_config(config: TrainConfig, history: list[dict[str, Any]]) -> TrainConfig:
@@ -252,10 +253,10 @@ def run_recipe(model: Classifier, sets: dict[str, datasets.ImageFolder], config:
                device: torch.device, *, log=print, state_path: str | os.PathLike | None = None,
                resume: dict | None = None, stop: StopFlag | None = None,
                dist: Distributed | None = None, identity: dict | None = None) -> Trained:
-    """Train `model` by config's recipe (train.fit runs its plan), then calibrate it on valid.
+    """Train `model` by config's recipe (loop.fit runs its plan), then calibrate it on valid.
 
     The model leaves with its best epoch's weights, its temperature and its unsure
-    threshold. See train.fit for the resumable state (`state_path`, `resume`) and `stop`.
+    threshold. See loop.fit for the resumable state (`state_path`, `resume`) and `stop`.
     """
     recipe = resolve_recipe(config, device)
     cache = None

@@ -16,7 +16,7 @@ from .engine import Engine
 from .evaluate import ece_of_bins
 from .model import Classifier
 from .plots import plot_topk_bars
-from .predict import Prediction, view_for
+from .prediction import Prediction, view_for
 
 Picture = Image.Image | np.ndarray
 

@@ -98,7 +98,8 @@ def _run(root: Path, *, typed: dict[str, Any], device: torch.device, out: Path |
     """run's work, in the held save folder."""
     start = time.perf_counter()
     # A resumed run is the saved run: its backbone decides how the images are prepared.
-    saved = checkpoint.read_resume(resume)["identity"]["config"] if resume else typed
+    saved = (checkpoint.read_resume(resume).get("identity", {}).get("config") or {}
+             if resume else typed)
     found = splits.load_data(root, model.get_backbone(saved.get("arch", TrainConfig.arch)),
                              valid_fraction=fractions[0], test_fraction=fractions[1],
                              names_file=names_file)

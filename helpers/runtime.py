@@ -38,8 +38,7 @@ class UserError(Exception):
 
 
 class Interrupted(UserError):
-    """A run was stopped (Ctrl-C or SIGTERM) after saving what can be resumed; the message says
-    how to resume it."""
+    """A run stopped by Ctrl-C or SIGTERM after saving; the message says how to resume it."""
 
 
 class DiskFullError(UserError, OSError):

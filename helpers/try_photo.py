@@ -12,7 +12,7 @@ from PIL import Image
 from .images import open_image, to_rgb
 from .model import Classifier
 from .plots import plot_prediction
-from .predict import predict
+from .prediction import predict
 
 if TYPE_CHECKING:  # a notebook dependency, imported where the widget is made
     import ipywidgets

@@ -26,7 +26,7 @@ import pytest
 
 from conftest import CHROMIUM_ARGS, REAL_DATA, ROOT, chromium
 from helpers import webapp
-from helpers.predict import process_image
+from helpers.prediction import process_image
 
 pytestmark = pytest.mark.slow
 

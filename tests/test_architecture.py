@@ -20,9 +20,9 @@ LAYERS = {
     "backbones": 0,
     "static_server": 0, "fixes": 0, "headers": 0,
     "names": 1, "engine": 1, "data": 1,
-    "download": 2, "model": 2, "splits": 2, "onnx_io": 2, "trunk": 2, "batches": 2,
-    "checkpoint": 3, "cache": 3, "train": 3,
-    "export": 4, "inference": 4, "recipes": 4, "predict": 4, "evaluate": 4, "calibration": 4,
+    "download": 2, "model": 2, "splits": 2, "likeness": 2, "onnx_io": 2, "trunk": 2, "batches": 2,
+    "checkpoint": 3, "cache": 3, "loop": 3, "plan": 3,
+    "export": 4, "inference": 4, "recipes": 4, "prediction": 4, "evaluate": 4, "calibration": 4,
     "gradcam": 4, "doctor": 4,
     "report": 5, "plots": 5, "report_plots": 5, "try_photo": 5, "webapp": 5, "run": 5,
     "cli": 6, "__main__": 6,
@@ -30,7 +30,7 @@ LAYERS = {
 
 
 def _module_name(path: Path) -> str:
-    """helpers/cli/training.py -> cli; helpers/train.py -> train."""
+    """helpers/cli/train_commands.py -> cli; helpers/loop.py -> loop."""
     parts = path.relative_to(PACKAGE).with_suffix("").parts
     return parts[0]
 
@@ -139,7 +139,7 @@ def test_public_functions_are_typed_documented_and_take_few_positional_parameter
 
 
 def test_the_command_line_and_the_engine_do_not_import_torch():
-    code = ("import sys; import helpers.cli, helpers.cli.inference, helpers.engine, "
+    code = ("import sys; import helpers.cli, helpers.cli.answer_commands, helpers.engine, "
             "helpers.config, helpers.names; print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, check=True)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from helpers import backbones
-from helpers.predict import process_image
+from helpers.prediction import process_image
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import ROOT, make_image_folder
 from helpers import checkpoint, cli, export, inference, model
 from helpers.config import TrainConfig
-from helpers.predict import predict, process_image
+from helpers.prediction import predict, process_image
 from helpers.runtime import UserError
 
 CLASSES = ["1", "2", "10"]
@@ -134,7 +134,7 @@ def test_gpu_asked_for_where_there_is_none_is_one_line(folder, tmp_path):
 
 
 def test_options_the_user_typed_win_over_the_recipe_defaults():
-    from helpers.cli.training import typed_options
+    from helpers.cli.train_commands import typed_options
     from helpers.config import settle
 
     parser = cli.build_parser()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from helpers import data, splits, storage
 from helpers.backbones import get_backbone
-from helpers.predict import process_image
+from helpers.prediction import process_image
 
 LITE0 = get_backbone("efficientnet_lite0")
 

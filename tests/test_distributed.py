@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_image_folder
-from helpers import checkpoint, predict
+from helpers import checkpoint, prediction
 from helpers.model import build_model
 from helpers.runtime import seed_everything
 
@@ -109,7 +109,7 @@ def test_two_ranks_train_on_different_shards_and_write_one_checkpoint(runs, refe
     assert written == sorted(p.name for p in (root / "single").iterdir())
     assert written.count("checkpoint.pth") == 1
     model, _ = checkpoint.load_checkpoint(root / "ddp" / "checkpoint.pth")
-    result = predict.predict(next((folder / "test").rglob("*.jpg")), model, topk=3)
+    result = prediction.predict(next((folder / "test").rglob("*.jpg")), model, topk=3)
     assert sorted(result.names) == ["1", "2", "3"] and abs(sum(result.probs) - 1) < 1e-4
 
 

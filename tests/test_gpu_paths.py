@@ -8,9 +8,9 @@ import os
 
 import torch
 
-from helpers import data, distributed, model, recipes, splits, train
+from helpers import data, distributed, loop, model, recipes, splits
 from helpers.cli import build_parser
-from helpers.cli.training import typed_options
+from helpers.cli.train_commands import typed_options
 from helpers.config import TrainConfig, recipe_for, settle
 
 
@@ -22,8 +22,8 @@ def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
     def cpu_fp16(device, *, enabled=True):
         return torch.autocast("cpu", dtype=torch.float16) if enabled else contextlib.nullcontext()
 
-    monkeypatch.setattr(train, "autocast_dtype", fp16)
-    monkeypatch.setattr(train, "autocast", cpu_fp16)
+    monkeypatch.setattr(loop, "autocast_dtype", fp16)
+    monkeypatch.setattr(loop, "autocast", cpu_fp16)
     updates = []
     original = torch.amp.GradScaler.update
     monkeypatch.setattr(torch.amp.GradScaler, "update",
@@ -33,7 +33,7 @@ def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
     sets = splits.load_data(tiny_folder, model.get_backbone(config.arch)).sets
     plan = recipes.course_plan(model.new_model(sets, config), sets, config,
                                torch.device("cpu"))
-    history = train.fit(plan, torch.device("cpu"), log=None)
+    history = loop.fit(plan, torch.device("cpu"), log=None)
     assert len(updates) == 2 * 3 and all(torch.isfinite(torch.tensor(r["train_loss"]))
                                          for r in history)
 

@@ -31,7 +31,7 @@ from helpers import (  # noqa: E402
 )
 from helpers import report_plots as insight_plots  # noqa: E402
 from helpers.model import Classifier, build_model  # noqa: E402
-from helpers.predict import Prediction, predict, process_for  # noqa: E402
+from helpers.prediction import Prediction, predict, process_for  # noqa: E402
 
 CLASSES = ["1", "10", "2", "3"]
 

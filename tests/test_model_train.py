@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import data, evaluate, model, recipes, runtime, splits, train
+from helpers import data, evaluate, loop, model, recipes, runtime, splits
 from helpers.config import TrainConfig
 
 CLASSES = {str(i): i for i in range(12)}
@@ -89,7 +89,7 @@ def _course(folder, **changes):
 
 def _train_once(folder, seed: int) -> dict[str, torch.Tensor]:
     _, _, clf, plan = _course(folder, seed=seed)
-    history = train.fit(plan, torch.device("cpu"), log=None)
+    history = loop.fit(plan, torch.device("cpu"), log=None)
     assert len(history) == 1 and 0.0 <= history[0]["valid_top1"] <= 1.0
     return {k: v.clone() for k, v in clf.head.state_dict().items()}
 
@@ -103,7 +103,7 @@ def test_same_seed_same_weights(tiny_folder):
 def test_fit_learns_and_keeps_best_epoch(tiny_folder):
     _, sets, clf, plan = _course(tiny_folder, epochs=3, learning_rate=3e-3, hidden_units=64)
     logged = []
-    history = train.fit(plan, torch.device("cpu"), log=logged.append)
+    history = loop.fit(plan, torch.device("cpu"), log=logged.append)
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert [r["phase"] for r in history] == ["train"] * 3
     assert sum(r["kept"] for r in history) == 1
@@ -111,7 +111,7 @@ def test_fit_learns_and_keeps_best_epoch(tiny_folder):
     assert next(r for r in history if r["kept"])["valid_top1"] == best
     assert logged[0].startswith("train: ") and "parameters train" in logged[0]
     loader = data.make_loaders({"valid": sets["valid"]}, batch_size=12, num_workers=0)["valid"]
-    result = evaluate.topk_accuracy(*train.predict_probs(clf, loader, torch.device("cpu")))
+    result = evaluate.topk_accuracy(*loop.predict_probs(clf, loader, torch.device("cpu")))
     assert result["n"] == 36 and result["top1"] == pytest.approx(best)
     assert result["top5"] >= result["top1"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -120,7 +120,7 @@ def test_fit_learns_and_keeps_best_epoch(tiny_folder):
 def test_a_plan_without_validation_keeps_the_last_epoch(tiny_folder):
     _, _, clf, plan = _course(tiny_folder, epochs=2)
     plan.validate = None
-    history = train.fit(plan, torch.device("cpu"), log=None)
+    history = loop.fit(plan, torch.device("cpu"), log=None)
     assert [r["kept"] for r in history] == [False, True]
     assert all(r["valid_top1"] != r["valid_top1"] for r in history)  # nan: nothing measured
 
@@ -138,7 +138,7 @@ def test_stop_flag_ends_at_a_batch_boundary_and_saves(tiny_folder, tmp_path):
 
     phase.optimizer.step = step_then_signal
     with pytest.raises(runtime.Stopped, match="after 1 batches of train 1/2"):
-        train.fit(plan, torch.device("cpu"), log=None, state_path=tmp_path / "last.pth",
+        loop.fit(plan, torch.device("cpu"), log=None, state_path=tmp_path / "last.pth",
                   stop=stop)
     state = torch.load(tmp_path / "last.pth", weights_only=True)
     assert (state["phase"], state["epoch"], state["batches_done"]) == (0, 0, 1)
@@ -165,6 +165,6 @@ def test_a_tie_in_valid_top1_is_broken_by_the_lower_valid_loss(tiny_folder):
         return real_validate()
 
     plan.validate = remember
-    history = train.fit(plan, torch.device("cpu"), log=None)
+    history = loop.fit(plan, torch.device("cpu"), log=None)
     assert [r["kept"] for r in history] == [False, True, False]
     assert all(torch.equal(v, kept_weights[1][k]) for k, v in clf.state_dict().items())

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from helpers import images, model, plots  # noqa: E402
-from helpers.predict import Prediction, imshow, predict, process_image  # noqa: E402
+from helpers.prediction import Prediction, imshow, predict, process_image  # noqa: E402
 
 FOLDERS = sorted(str(i) for i in range(1, 13))
 

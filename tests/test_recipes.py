@@ -216,9 +216,9 @@ def test_cached_validation_agrees_with_the_whole_model(tiny_folder):
     plan, acts = recipes.cached_plan(clf, sets, config, torch.device("cpu"))
     cached = plan.validate()
     loader = data.make_loaders({"valid": sets["valid"]}, batch_size=12, num_workers=0)["valid"]
-    from helpers import train
+    from helpers import loop
 
-    whole = evaluate.topk_accuracy(*train.predict_probs(clf, loader, torch.device("cpu"),
+    whole = evaluate.topk_accuracy(*loop.predict_probs(clf, loader, torch.device("cpu"),
                                                          mixed_precision=False))
     assert cached["n"] == whole["n"] == 36
     assert abs(cached["top1"] - whole["top1"]) <= 2 / 36  # fp16 cache vs fp32 images

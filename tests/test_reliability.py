@@ -21,7 +21,7 @@ from torchvision import transforms
 
 from conftest import ROOT, isolated_env, make_image_folder
 from helpers import backbones, checkpoint, cli, data, images, runtime, splits
-from helpers.predict import process_image
+from helpers.prediction import process_image
 
 LITE0 = backbones.get_backbone("efficientnet_lite0")
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr"]

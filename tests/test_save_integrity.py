@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, make_image_folder
 from helpers import calibration, cli, inference, model, storage
 from helpers import run as run_module
-from helpers.cli import training
+from helpers.cli import train_commands as training
 from helpers.engine import engine_path, open_engine, read_header
 from helpers.export import save_with_metadata
 from helpers.runtime import Stopped, file_sha256

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import synthetic_image
 from helpers import data, images, model, try_photo
-from helpers.predict import process_image
+from helpers.prediction import process_image
 
 pytest.importorskip("ipywidgets")
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import ROOT, make_image_folder
 from helpers import checkpoint, cli, export, model, webapp
-from helpers.predict import process_image
+from helpers.prediction import process_image
 
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")

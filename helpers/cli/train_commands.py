@@ -197,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """Train on the flowers data, report valid/test accuracy, save, reload, predict, chart."""
-    from .. import download, plots, predict
+    from .. import download, plots, prediction
     from ..images import open_image
     from ..runtime import get_device
 
@@ -211,7 +211,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     plots.save_figure(plots.plot_history(done.history), out / "history.png")
     sets = done.data.sets
     image_path, label = sets.get("test", sets["valid"]).samples[0]
-    result = predict.predict(image_path, done.model, topk=5)
+    result = prediction.predict(image_path, done.model, topk=5)
     true_name = done.model.class_names[label]
     print(f"{image_path} (true: {true_name}):")
     for p, name in zip(result.probs, result.names, strict=True):
