@@ -23,6 +23,7 @@ import torch
 from . import checkpoint, data, evaluate, model, recipes, splits
 from .config import TrainConfig, settle
 from .distributed import Distributed
+from .fixes import Fixes, read_fixes
 from .inference import logits_of, save_model
 from .runtime import Interrupted, StopFlag, Stopped, UserError
 from .storage import check_writable, folder_lock
@@ -45,7 +46,7 @@ class Result:
 def run(folder: str | os.PathLike, *, typed: Mapping[str, Any] | None = None,
         device: torch.device | None = None, out: str | os.PathLike | None = None,
         resume: str | os.PathLike | None = None, final: bool = False,
-        names_file: str | os.PathLike | None = None,
+        names_file: str | os.PathLike | None = None, fixes: str | os.PathLike | None = None,
         valid_fraction: float = splits.VALID_FRACTION,
         test_fraction: float = splits.TEST_FRACTION, again: str = "",
         option: str = "--save_dir", dist: Distributed | None = None,
@@ -60,9 +61,10 @@ def run(folder: str | os.PathLike, *, typed: Mapping[str, Any] | None = None,
     device = device or torch.device("cpu")
     dist = dist or Distributed()
     settle(typed, device_type=device.type)  # impossible settings fail before any work
+    read = read_fixes(fixes) if fixes else None  # a bad fixes file too
     with _holding(out, option=option, dist=dist):
         return _run(Path(folder), typed=typed, device=device, out=out and Path(out),
-                    resume=resume, final=final, names_file=names_file, again=again,
+                    resume=resume, final=final, names_file=names_file, fixes=read, again=again,
                     fractions=(valid_fraction, test_fraction), dist=dist, log=log or _quiet)
 
 
@@ -92,7 +94,8 @@ def _holding(out: str | os.PathLike | None, *, option: str, dist: Distributed) -
 
 
 def _run(root: Path, *, typed: dict[str, Any], device: torch.device, out: Path | None,
-         resume: str | os.PathLike | None, final: bool, names_file, again: str,
+         resume: str | os.PathLike | None, final: bool, names_file, fixes: Fixes | None,
+         again: str,
          fractions: tuple[float, float], dist: Distributed,
          log: Callable[[str], None]) -> Result | None:
     """run's work, in the held save folder."""
@@ -102,7 +105,7 @@ def _run(root: Path, *, typed: dict[str, Any], device: torch.device, out: Path |
              if resume else typed)
     found = splits.load_data(root, model.get_backbone(saved.get("arch", TrainConfig.arch)),
                              valid_fraction=fractions[0], test_fraction=fractions[1],
-                             names_file=names_file)
+                             names_file=names_file, fixes=fixes)
     for line in found.messages:
         log(line)
     sets, per_class = found.sets, data.images_per_class(found.sets)

@@ -25,6 +25,7 @@ from .data import (
     train_transform,
     warn_link_loops,
 )
+from .fixes import Fixes, apply_fixes_to_sets
 from .images import is_image_file
 
 # A fifth of the photos for validation and a fifth for testing, as in the usual 60/20/20 split:
@@ -64,9 +65,10 @@ class DataSplits:
     messages: list[str] = field(default_factory=list)  # one line per thing done, for the caller
 
     def digest(self) -> str:
-        """sha256 of every split's files (relative path, size as on disk now) and class_to_idx."""
-        files = {split: sorted((_relative(path, self.root), os.path.getsize(path))
-                               for path, _ in ds.samples) for split, ds in self.sets.items()}
+        """sha256 of every split's files (relative path, size as on disk now, label: a fixes file
+    changes it) and class_to_idx."""
+        files = {split: sorted((_relative(path, self.root), os.path.getsize(path), label)
+                               for path, label in ds.samples) for split, ds in self.sets.items()}
         text = json.dumps({"class_to_idx": self.class_to_idx, "files": files}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -241,11 +243,12 @@ def _leaks(groups: list[list[int]], paths: list[str], where: list[str]) -> list[
 
 def load_data(root: str | os.PathLike, spec: Backbone, *, valid_fraction: float = VALID_FRACTION,
               test_fraction: float = TEST_FRACTION, names_file: str | os.PathLike | None = None,
-              check: bool = True) -> DataSplits:
+              check: bool = True, fixes: Fixes | None = None) -> DataSplits:
     """The sets of a folder in any accepted layout, the splits it lacks carved out of train.
 
     Layouts: train/ + valid/ (+ test/), train/ + test/, train/ alone, or class folders alone.
-    With `check`, unreadable images are left out first with a BadImageWarning.
+    With `check`, unreadable images are left out first with a BadImageWarning. `fixes` (the
+    doctor's fixes file) leaves photos out and relabels others, in memory only.
     """
     root = Path(root).expanduser()
     if min(valid_fraction, test_fraction) < 0 or valid_fraction + test_fraction >= 1:
@@ -259,6 +262,8 @@ def load_data(root: str | os.PathLike, spec: Backbone, *, valid_fraction: float 
     for ds in folders.values() if check else ():
         if bad := drop_bad_images(ds):
             messages.append(f"left out {len(bad)} unreadable image(s) of {ds.root}")
+    if fixes is not None:  # before the checks and the carving: they see the fixed photos
+        messages.append(apply_fixes_to_sets(folders, fixes=fixes, root=root))
     _check_classes(folders)
     _check_links(folders)
 

@@ -327,3 +327,45 @@ def test_notebook_decisions_become_a_fixes_file(samples, tmp_path):
         write_fixes({"train/a/img_1.jpg": "relabel:zebra"}, path=path, root=root)
     assert json.loads(path.read_text())["exclude"] == ["train/c/img_1.jpg"]  # kept whole
     assert os.listdir(path.parent) == ["fixes.json"]
+
+
+def test_train_applies_a_fixes_file_and_its_resume_hint_keeps_it(tmp_path, capsys,
+                                                                 monkeypatch):
+    """`train.py --fixes FILE`: photos left out and relabelled in memory, the folder untouched,
+    and the command that resumes the run carries the same fixes (they decide the data)."""
+    from conftest import make_image_folder
+    from helpers import recipes
+    from helpers.runtime import Stopped
+
+    data = make_image_folder(tmp_path / "data", ["a", "b", "c"], per_class=4)
+    before = sorted((p.relative_to(data).as_posix(), p.stat().st_mtime_ns)
+                    for p in data.rglob("*") if p.is_file())
+    fixes = tmp_path / "fixes.json"
+    fixes.write_text(json.dumps({"exclude": ["train/a/img_0.jpg"],
+                                 "relabel": {"train/b/img_1.jpg": "c"}}))
+    seen = {}
+    real = recipes.run_recipe
+
+    def stop_after_looking(model, sets, config, device, **kwargs):
+        seen["train"] = [(Path(p).relative_to(data).as_posix(), y)
+                         for p, y in sets["train"].samples]
+        real(model, sets, config, device, **kwargs)
+        raise Stopped("stopped by SIGINT during fine-tune 1/1")
+
+    monkeypatch.setattr(recipes, "run_recipe", stop_after_looking)
+    out = tmp_path / "out"
+    code = main(["train", str(data), "--save_dir", str(out), "--epochs", "1",
+                 "--arch", "test_efficientnet", "--batch_size", "6", "--fixes", str(fixes)])
+    done = capsys.readouterr()
+    assert code == 130
+    assert f"fixes from {fixes}: 1 photo(s) left out, 1 relabelled" in done.out
+    assert "train/a/img_0.jpg" not in dict(seen["train"])
+    assert dict(seen["train"])["train/b/img_1.jpg"] == 2  # class c
+    assert done.err.strip().splitlines()[-1].endswith(
+        f"--save_dir {out} --fixes {fixes} --resume {out / 'last.pth'}")
+    assert before == sorted((p.relative_to(data).as_posix(), p.stat().st_mtime_ns)
+                            for p in data.rglob("*") if p.is_file())
+    fixes.write_text(json.dumps({"exclude": ["train/a/img_9.jpg"]}))  # no such photo
+    assert main(["train", str(data), "--save_dir", str(tmp_path / "o2"),
+                 "--fixes", str(fixes)]) == 1
+    assert "train/a/img_9.jpg" in capsys.readouterr().err

@@ -87,6 +87,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test_fraction", type=float, default=0.2,
                    help="share of each class held out for testing when there is no test/ "
                         "folder (default %(default)s)")
+    p.add_argument("--fixes", help="a fixes file (JSON: photos to leave out or relabel, paths "
+                   "relative to the data folder), as `python -m helpers doctor` and the notebook "
+                   "write it; the data folder itself is never changed")
     p.add_argument("--final", action="store_true",
                    help="after choosing epochs, temperature and threshold on valid, train a "
                         "final model on train+valid with those choices and save it")
@@ -151,8 +154,12 @@ def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, devic
     from ..run import run
 
     check_resume_options(args)
+    again += "".join(f" --{name} {getattr(args, name)}" for name, default in (
+        ("fixes", None), ("names", None), ("valid_fraction", 0.2), ("test_fraction", 0.2))
+        if getattr(args, name) != default)  # what decides the data: a resume needs it again
     done = run(data_root, typed=typed_options(args), device=device, out=out,
                resume=getattr(args, "resume", None), final=args.final, names_file=args.names,
+               fixes=args.fixes,
                valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
                again=again, option="--save_dir" if "train" in again else "--out", dist=dist)
     if done is not None:
