@@ -6,6 +6,7 @@ import copy
 import os
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -118,7 +119,8 @@ class PhotoFolder(datasets.ImageFolder):
                                     "add images or remove them")
         return samples
 
-    def subset(self, samples: list[tuple[str, int]], transform=None) -> PhotoFolder:
+    def subset(self, samples: list[tuple[str, int]],
+               transform: Callable | None = None) -> PhotoFolder:
         """The same classes with only these samples and another transform."""
         part = copy.copy(self)
         part.samples = part.imgs = list(samples)
@@ -143,7 +145,7 @@ def warn_link_loops(loops: list[str]) -> None:
                       stacklevel=3)
 
 
-def image_folder(root: str | os.PathLike, transform=None) -> PhotoFolder:
+def image_folder(root: str | os.PathLike, transform: Callable | None = None) -> PhotoFolder:
     """A PhotoFolder of root, or a DataError saying what is missing."""
     root = Path(root)
     if not root.is_dir():
@@ -172,7 +174,8 @@ def drop_bad_images(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
     return bad
 
 
-def with_transform(dataset: datasets.ImageFolder, transform) -> datasets.ImageFolder:
+def with_transform(dataset: datasets.ImageFolder,
+                   transform: Callable | None) -> datasets.ImageFolder:
     """The same samples under another transform (a copy; the dataset itself is unchanged)."""
     part = copy.copy(dataset)
     part.transform, part.transforms = transform, StandardTransform(transform, None)

@@ -29,6 +29,7 @@ from .runtime import UserError, atomic_copy, atomic_write, atomic_write_bytes
 
 if TYPE_CHECKING:
     import onnx
+    from PIL import Image
 
 
 class Probabilities(nn.Module):
@@ -47,7 +48,7 @@ class Probabilities(nn.Module):
         return logits.softmax(dim=1)
 
 
-def preprocess_for(model: Classifier, image) -> np.ndarray:
+def preprocess_for(model: Classifier, image: str | os.PathLike | Image.Image) -> np.ndarray:
     """images.process_image with the model's own input size, resize and normalisation."""
     spec = model.spec
     return process_image(image, size=spec.input_size, resize=spec.resize_size, mean=spec.mean,
@@ -66,7 +67,8 @@ def metadata(model: Classifier) -> dict[str, str]:
             "unsure_below": repr(float(getattr(model, "unsure_below", 0.0)))}
 
 
-def save_with_metadata(proto, path: str | os.PathLike, values: dict[str, str]) -> Path:
+def save_with_metadata(proto: onnx.ModelProto, path: str | os.PathLike,
+                       values: dict[str, str]) -> Path:
     """Write an ONNX model whose metadata is `values`, atomically (temporary file, rename)."""
     del proto.metadata_props[:]
     for key, value in values.items():

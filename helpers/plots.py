@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,6 +15,9 @@ from PIL import Image
 
 from .prediction import Prediction
 from .runtime import atomic_write
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 
 def plot_topk_bars(prediction: Prediction, ax: Axes | None = None,
@@ -113,8 +116,8 @@ def plot_prediction_grid(items: Sequence[tuple[Image.Image, Prediction, str]],
     return fig
 
 
-def show_samples(dataset, names: Sequence[str], *, mean: Sequence[float], std: Sequence[float],
-                 count: int = 8) -> Figure:
+def show_samples(dataset: Dataset, names: Sequence[str], *, mean: Sequence[float],
+                 std: Sequence[float], count: int = 8) -> Figure:
     """`count` images spread over a dataset, as its transform makes them, with their names."""
     step = max(1, len(dataset) // count)
     samples = [dataset[i] for i in range(0, len(dataset), step)][:count]

@@ -250,7 +250,8 @@ class Trained:
 
 
 def run_recipe(model: Classifier, sets: dict[str, datasets.ImageFolder], config: TrainConfig,
-               device: torch.device, *, log=print, state_path: str | os.PathLike | None = None,
+               device: torch.device, *, log: Callable[[str], None] | None = print,
+               state_path: str | os.PathLike | None = None,
                resume: dict | None = None, stop: StopFlag | None = None,
                dist: Distributed | None = None, identity: dict | None = None) -> Trained:
     """Train `model` by config's recipe (loop.fit runs its plan), then calibrate it on valid.

@@ -70,7 +70,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_dtype(device, *, enabled: bool = True) -> torch.dtype | None:
+def autocast_dtype(device: torch.device, *, enabled: bool = True) -> torch.dtype | None:
     """The autocast type where it pays: bf16 on CUDA GPUs that have it (Ampere on), else
     fp16 (T4, V100: the loop then scales the loss); bf16 on CPUs with native bf16; else None."""
     import torch
@@ -111,7 +111,8 @@ def cpu_has_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported())
 
 
-def autocast(device, *, enabled: bool = True) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, *,
+             enabled: bool = True) -> contextlib.AbstractContextManager:
     """Mixed precision where it pays (see autocast_dtype); a no-op elsewhere (MPS included)."""
     import torch
 

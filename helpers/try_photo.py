@@ -16,6 +16,7 @@ from .prediction import predict
 
 if TYPE_CHECKING:  # a notebook dependency, imported where the widget is made
     import ipywidgets
+    from torchvision.datasets import ImageFolder
 
 
 def _show(model: Classifier, image: Image.Image, title: str, output) -> None:
@@ -38,7 +39,8 @@ def _show(model: Classifier, image: Image.Image, title: str, output) -> None:
             print(f"Most likely: {result.names[0]} ({result.probs[0]:.0%}).")
 
 
-def try_your_photo(model: Classifier, dataset, *, choices: int = 30) -> ipywidgets.VBox:
+def try_your_photo(model: Classifier, dataset: ImageFolder, *,
+                   choices: int = 30) -> ipywidgets.VBox:
     """A FileUpload and a Dropdown of test images; either shows the photo and its top-5 chart."""
     import ipywidgets as widgets
 

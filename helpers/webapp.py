@@ -24,7 +24,7 @@ import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
 
@@ -46,6 +46,9 @@ ICONS = {f"icons/icon-{size}.png": size for size in (192, 512)}  # drawn by draw
 # The wasm backend's loader and runtime: all the app needs from the onnxruntime-web package.
 ORT_FILES = ["ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"]
 HOST = "127.0.0.1"  # loopback only
+
+if TYPE_CHECKING:
+    from .model import Classifier
 
 
 class AppError(UserError):
@@ -69,7 +72,7 @@ def draw_icon(size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def app_metadata(model, *, precision: str) -> dict[str, Any]:
+def app_metadata(model: Classifier, *, precision: str) -> dict[str, Any]:
     """export.metadata as typed JSON values, plus the precision: what app.js reads."""
     from . import export
 

@@ -123,6 +123,7 @@ def _public_functions():
 
 
 def test_public_functions_are_typed_documented_and_take_few_positional_parameters():
+    """Every parameter and return typed, a docstring, at most four positional parameters."""
     problems = []
     for qualname, fn in _public_functions():
         sig = inspect.signature(fn)
@@ -135,6 +136,11 @@ def test_public_functions_are_typed_documented_and_take_few_positional_parameter
             problems.append(f"{qualname}: no docstring")
         if sig.return_annotation is inspect.Signature.empty and fn.__name__ != "__init__":
             problems.append(f"{qualname}: no return type")
+        untyped = [p.name for p in sig.parameters.values() if p.name not in ("self", "cls")
+                   and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                   and p.annotation is inspect.Parameter.empty]
+        if untyped:
+            problems.append(f"{qualname}: untyped parameter(s) {', '.join(untyped)}")
     assert not problems, "\n".join(problems)
 
 

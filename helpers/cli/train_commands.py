@@ -145,7 +145,7 @@ def distributed(gpu: bool) -> Iterator[tuple[Distributed, torch.device]]:
         yield dist, device
 
 
-def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, device,
+def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, device: torch.device,
                   again: str, dist: Distributed | None = None) -> Result | None:
     """run.run with the options typed, its figures printed; None on ranks other than 0.
 
