@@ -111,8 +111,7 @@ def cpu_has_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported())
 
 
-def autocast(device: torch.device, *,
-             enabled: bool = True) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, *, enabled: bool = True) -> contextlib.AbstractContextManager:
     """Mixed precision where it pays (see autocast_dtype); a no-op elsewhere (MPS included)."""
     import torch
 

@@ -150,3 +150,10 @@ def test_the_command_line_and_the_engine_do_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_every_module_stays_under_300_lines():
+    """A module that grows past 300 lines is doing two things: split it."""
+    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 300}
+    assert not long, long
