@@ -157,3 +157,17 @@ def test_every_module_stays_under_300_lines():
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 300}
     assert not long, long
+
+
+def test_no_public_function_is_used_by_the_tests_alone():
+    """Each public function is called by the package, the scripts, the benchmarks or the
+    notebook, or is named in the README as an API for users; else it belongs in the tests."""
+    import re
+
+    files = [*PACKAGE.rglob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+             *(ROOT / "examples").glob("*.py"), ROOT / "train.py", ROOT / "predict.py",
+             ROOT / "Image_Classifier_Project.ipynb", ROOT / "README.md"]
+    text = "\n".join(p.read_text() for p in files if p.is_file())
+    unused = [q for q, _ in _public_functions()
+              if len(re.findall(rf"\b{re.escape(q.rsplit('.', 1)[-1])}\b", text)) <= 1]
+    assert not unused, unused
