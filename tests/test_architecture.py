@@ -25,6 +25,7 @@ LAYERS = {
     "export": 4, "inference": 4, "recipes": 4, "prediction": 4, "evaluate": 4, "calibration": 4,
     "gradcam": 4, "doctor": 4,
     "report": 5, "plots": 5, "report_plots": 5, "try_photo": 5, "webapp": 5, "run": 5,
+    "review": 5,
     "cli": 6, "__main__": 6,
 }
 

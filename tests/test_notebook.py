@@ -57,3 +57,9 @@ def test_notebook_runs_top_to_bottom_and_draws_the_sanity_check(real_data, tmp_p
     # 6 images a class: the views follow the data, the epochs chosen (NB_EPOCHS) stay
     assert f"6 training images a class: {TUNED[0][1]} augmented views, 1 epochs" in printed
     assert "test ECE" in printed and "unsure below" in printed
+    # Check your data: the doctor's counts, the review grid drawn, no fixes file yet
+    assert "suspected label errors:" in printed and "strangers and unusable files:" in printed
+    grid = next(c for c in nb.cells if c.cell_type == "code" and "review.review(" in c.source)
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+               for o in grid.outputs)
+    assert "no fixes file at build/notebook/fixes.json yet: the data as loaded" in printed
