@@ -5,7 +5,10 @@ and view and cached, and a trainable *tail* (the last stages, the final 1x1 conv
 pooling) that is fine-tuned together with the head on those cached activations.
 
 Every cached file has its sha256 in a file beside it and is checked before use: a damaged
-file, even one that still loads, is deleted and rebuilt.
+file, even one that still loads, is deleted and rebuilt. A photo's activations depend on the
+photo alone (its augmented views are seeded by its path, not its place in the set), so a
+set with photos left out or relabelled (a fixes file) is served from the cached set it came
+from, extracting nothing again.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .runtime import StopFlag, atomic_save, ignore_stop_signals, progress
 from .storage import cache_dir, is_intact, runtime_choice, seal
 from .trunk import make_runner, trunk_runtime
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: views seeded per photo; the files listed in each cached file
 CACHED_KINDS = ("activations", "onnx", "engines")  # the folders cache_dir() holds
 
 
@@ -52,8 +55,14 @@ def split_backbone(backbone: nn.Module, tail_stages: int) -> tuple[nn.Module, nn
     return trunk, tail
 
 
+def photo_seed(path: str) -> int:
+    """A number fixed by a photo's path: its augmented views, whatever set it is in."""
+    return int.from_bytes(hashlib.sha256(os.fsencode(path)).digest()[:6], "big")
+
+
 class SeededView(Dataset):
-    """A dataset whose random transform is seeded per image: view v is the same every run."""
+    """A dataset whose random transform is seeded per photo: view v is the same every run,
+    and the same in any set the photo is part of."""
 
     def __init__(self, dataset: datasets.ImageFolder, transform, seed: int) -> None:
         self.dataset, self.transform, self.seed = dataset, transform, seed
@@ -64,7 +73,7 @@ class SeededView(Dataset):
     def __getitem__(self, index: int):
         path, label = self.dataset.samples[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + index)
+            torch.manual_seed(self.seed * 1_000_003 + photo_seed(path))
             return self.transform(self.dataset.loader(path)), label
 
 
@@ -115,17 +124,21 @@ class ActivationCache:
         """Free the trunk's runner (a runtime's session and its memory arena)."""
         self._run = None
 
-    def key(self, dataset: datasets.ImageFolder, view: str, seed: int) -> str:
-        """A digest of all the activations depend on: weights, engine, transform, the files."""
+    def family(self, view: str, seed: int) -> str:
+        """A digest of what every photo's activations depend on besides the photo: weights,
+        engine, transform, view and its seed."""
         facts = {"version": CACHE_VERSION, "arch": self.spec.name, "tail": self.tail_stages,
                  "engine": self.engine, "weights": self._digest, "view": view,
                  "seed": seed if view.startswith("aug") else None,
                  "transform": repr(view_transform(self.spec, view)), "torch": torch.__version__}
-        h = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
-        for path, label in dataset.samples:
-            stat = os.stat(path)
-            h.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return h.hexdigest()[:24]
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
+
+    def key(self, dataset: datasets.ImageFolder, view: str, seed: int) -> str:
+        """The family and a digest of the files, in order (labels do not matter)."""
+        h = hashlib.sha256()
+        for file in _files(dataset):
+            h.update(f"{file}\n".encode())
+        return f"{self.family(view, seed)}-{h.hexdigest()[:12]}"
 
     def get(self, dataset: datasets.ImageFolder, view: str = "centre", *,
             seed: int = 0) -> torch.Tensor:
@@ -139,9 +152,9 @@ class ActivationCache:
             return torch.cat(parts).contiguous(memory_format=torch.channels_last)
         name = f"{self.spec.name}-{view}-{self.key(dataset, view, seed)}.pt"
         path = cache_dir() / "activations" / name
-        if is_intact(path):
-            acts = torch.load(path, map_location="cpu", weights_only=True)["activations"]
-            # the layout of a fresh extraction, so that both give the same arithmetic
+        acts = (torch.load(path, map_location="cpu", weights_only=True)["activations"]
+                if is_intact(path) else self._from_a_larger_set(dataset, view, seed))
+        if acts is not None:  # the layout of a fresh extraction: the same arithmetic
             return acts.contiguous(memory_format=torch.channels_last)
         tic = time.perf_counter()
         # Exporting and extracting must not move the caller's random numbers: a run that
@@ -155,10 +168,35 @@ class ActivationCache:
             data = SeededView(dataset, view_transform(self.spec, view), seed)
             acts = extract(self._run, data, desc=f"{view} views of {Path(dataset.root).name}",
                            stop=self.stop)
-        seal(atomic_save({"activations": acts, "created": time.time()}, path))
+        seal(atomic_save({"activations": acts, "created": time.time(),
+                          "files": _files(dataset)}, path))
         self.seconds += time.perf_counter() - tic
         self.images += len(acts)
         return acts
+
+    def _from_a_larger_set(self, dataset: datasets.ImageFolder, view: str,
+                           seed: int) -> torch.Tensor | None:
+        """This set's rows of a cached set holding all its photos (the set before a fixes
+        file left some out), or None."""
+        wanted = _files(dataset)
+        prefix = f"{self.spec.name}-{view}-{self.family(view, seed)}-"
+        for path in sorted((cache_dir() / "activations").glob(prefix + "*.pt")):
+            if not is_intact(path):
+                continue
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            row = {file: i for i, file in enumerate(cached.get("files", []))}
+            if all(file in row for file in wanted):
+                return cached["activations"][[row[file] for file in wanted]]
+        return None
+
+
+def _files(dataset: datasets.ImageFolder) -> list[str]:
+    """Each photo of a set as path, size and modification time: what its activations are of."""
+    files = []
+    for path, _ in dataset.samples:
+        stat = os.stat(path)
+        files.append(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}")
+    return files
 
 
 def _cached(folder: Path) -> list[Path]:

@@ -164,6 +164,29 @@ def test_joined_set_reuses_its_parts_views(backbone, tiny_folder, monkeypatch):
     assert merged.subset(merged.samples[:3]).parts == ()  # a subset is a plain set again
 
 
+def test_a_fixed_set_is_served_from_the_cached_set_it_came_from(backbone, tiny_folder,
+                                                                monkeypatch):
+    """Photos left out and relabelled (a fixes file): every view, augmented ones included,
+    comes from the set extracted before, row for row; nothing is extracted again."""
+    calls = []
+    real_extract = features.extract
+    monkeypatch.setattr(features, "extract",
+                        lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    sets = splits.load_data(tiny_folder, LITE0).sets
+    acts = features.ActivationCache(TINY, backbone, tail_stages=1, device=torch.device("cpu"),
+                                    engine="torch")
+    whole = {view: acts.get(sets["train"], view, seed=3) for view in ("centre", "aug1")}
+    kept = [i for i in range(len(sets["train"])) if i % 4]  # a quarter left out
+    samples = [(sets["train"].samples[i][0], (sets["train"].samples[i][1] + 1) % 12)
+               for i in kept]  # and every label changed
+    fixed = sets["train"].subset(samples)
+    for view, rows in whole.items():
+        assert torch.equal(acts.get(fixed, view, seed=3), rows[kept])
+    assert len(calls) == 2  # the two views of the whole set, once each
+    other_seed = acts.get(fixed, "aug1", seed=4)  # another seed is another family: extracted
+    assert len(calls) == 3 and not torch.equal(other_seed, whole["aug1"][kept])
+
+
 def test_truncated_onnx_trunk_is_rebuilt_and_cleared(backbone):
     pytest.importorskip("onnxruntime")
     trunk_, _ = features.split_backbone(backbone, 1)
