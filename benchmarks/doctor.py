@@ -122,7 +122,8 @@ def trainings(root: Path, *, report: dict, relabel: dict[str, str], top: list[st
     with tempfile.TemporaryDirectory(prefix="doctor-fixes-") as tmp:
         for name, fixes in (("as is", None), ("planted", {"relabel": relabel}),
                             ("planted, top suspects left out",
-                             {"relabel": relabel, "exclude": top})):
+                             {"relabel": {k: v for k, v in relabel.items() if k not in top},
+                              "exclude": top})):
             path = None
             if fixes is not None:
                 path = atomic_write_bytes(json.dumps(fixes).encode(), Path(tmp) / "fixes.json")
@@ -136,6 +137,7 @@ def trainings(root: Path, *, report: dict, relabel: dict[str, str], top: list[st
                 row["test_no_leaks"] = evaluate.evaluate_model(done.model, kept)["top1"]
                 row["test_no_leaks_n"] = len(kept)
             rows.append(row)
+            print(f"trained {name}: {row}", flush=True)
     print(f"\n{len(leaked)} test photos have a copy or near-copy in train or valid\n")
     print("| training data | valid top-1 | test top-1 | seconds |\n|---|---|---|---|")
     for r in rows:
