@@ -119,6 +119,7 @@ def _wasm_is_whole(dist: Path) -> bool:
     return runtime.file_sha256(dist / WASM) == record["files"][WASM]
 
 
+@pytest.mark.slow  # npm ci, twice
 @needs_npm
 def test_a_damaged_npm_install_is_fetched_again(tmp_path):
     dist = webapp.ort_dist()
@@ -131,6 +132,7 @@ def test_a_damaged_npm_install_is_fetched_again(tmp_path):
     assert _wasm_is_whole(dist) and b"truncated" not in (dist / "ort.wasm.min.mjs").read_bytes()
 
 
+@pytest.mark.slow  # npm ci, then a build
 @needs_npm
 def test_npm_that_keeps_damaging_the_runtime_is_one_line_and_no_app(tiny_ckpt, tmp_path,  # noqa: F811
                                                                     monkeypatch, capsys):

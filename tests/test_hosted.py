@@ -143,6 +143,7 @@ def test_outside_a_hosted_runtime_the_cell_does_nothing(kernel, hide_google):
     assert pip == [] and list(kernel.work.iterdir()) == []  # no pip, no clone
 
 
+@pytest.mark.slow  # a clone and a download
 def test_in_colab_the_cell_clones_installs_and_the_data_comes_with_a_progress_bar(
         kernel, server, tmp_path):
     www, url = server
