@@ -196,3 +196,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print("\nCI=true: these tests were skipped, so the run fails:\n  "
               + "\n  ".join(_SKIPPED_IN_CI))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    """A loopback HTTP server of tmp_path/www (downloads without the internet): yields the
+    folder and its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()

@@ -10,14 +10,11 @@ through $FLOWERS_DATA_URL, in the course archive's layout.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import json
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -91,19 +88,6 @@ def kernel(tmp_path):
 
     run.work = work
     return run
-
-
-@pytest.fixture
-def server(tmp_path):
-    """Serve tmp_path/www on 127.0.0.1; yields (folder, base URL)."""
-    www = tmp_path / "www"
-    www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield www, f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
 
 
 def _course_archive(path: Path) -> None:

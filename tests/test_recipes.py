@@ -116,12 +116,19 @@ def test_onednn_isa_ceiling_turns_bf16_off(monkeypatch):
     assert runtime.autocast_dtype(torch.device("cpu")) is None
 
 
-def test_activation_cache_hits_and_rebuilds_when_a_file_changes(backbone, tiny_folder,
-                                                                monkeypatch):
-    calls = []
+@pytest.fixture
+def extractions(monkeypatch) -> list[int]:
+    """One entry for each set of activations extracted (not found in the cache)."""
+    calls: list[int] = []
     real_extract = features.extract
     monkeypatch.setattr(features, "extract",
                         lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    return calls
+
+
+def test_activation_cache_hits_and_rebuilds_when_a_file_changes(backbone, tiny_folder,
+                                                                extractions):
+    calls = extractions
     ds = data.image_folder(tiny_folder / "valid", data.eval_transform(LITE0))
     acts = features.ActivationCache(TINY, backbone, tail_stages=1, device=torch.device("cpu"),
                                     engine="torch")
@@ -144,12 +151,9 @@ def test_activation_cache_hits_and_rebuilds_when_a_file_changes(backbone, tiny_f
     assert features.clear_cache() > 0 and features.cache_size() == 0
 
 
-def test_joined_set_reuses_its_parts_views(backbone, tiny_folder, monkeypatch):
+def test_joined_set_reuses_its_parts_views(backbone, tiny_folder, extractions):
     """A final model's train+valid set extracts nothing its parts already have in the cache."""
-    calls = []
-    real_extract = features.extract
-    monkeypatch.setattr(features, "extract",
-                        lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    calls = extractions
     sets = splits.load_data(tiny_folder, LITE0).sets
     acts = features.ActivationCache(TINY, backbone, tail_stages=1, device=torch.device("cpu"),
                                     engine="torch")
@@ -165,13 +169,10 @@ def test_joined_set_reuses_its_parts_views(backbone, tiny_folder, monkeypatch):
 
 
 def test_a_fixed_set_is_served_from_the_cached_set_it_came_from(backbone, tiny_folder,
-                                                                monkeypatch):
+                                                                extractions):
     """Photos left out and relabelled (a fixes file): every view, augmented ones included,
     comes from the set extracted before, row for row; nothing is extracted again."""
-    calls = []
-    real_extract = features.extract
-    monkeypatch.setattr(features, "extract",
-                        lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    calls = extractions
     sets = splits.load_data(tiny_folder, LITE0).sets
     acts = features.ActivationCache(TINY, backbone, tail_stages=1, device=torch.device("cpu"),
                                     engine="torch")
