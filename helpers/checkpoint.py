@@ -19,9 +19,9 @@ from .backbones import BackboneError
 from .model import Classifier, build_model
 from .runtime import UserError, atomic_save, atomic_write_bytes
 
-__all__ = ["CheckpointError", "atomic_save", "checkpoint_dict", "encode_checkpoint",
-           "load_checkpoint", "read_checkpoint", "read_resume", "resume_belongs",
-           "save_checkpoint"]
+__all__ = ["CheckpointError", "atomic_save", "check_belongs", "checkpoint_dict",
+           "encode_checkpoint", "load_checkpoint", "read_checkpoint", "read_resume",
+           "resume_belongs", "save_checkpoint"]
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "head", "state_dict", "class_to_idx", "class_names")
@@ -206,13 +206,20 @@ def read_resume(path: str | os.PathLike, *, identity: dict[str, Any] | None = No
     if not isinstance(state, dict) or state.get("kind") != "resume":
         raise CheckpointError(f"{path}: not a resumable state; resume from last.pth, "
                               "not from checkpoint.pth")
+    check_belongs(state, identity=identity or {}, path=path)
+    return state
+
+
+def check_belongs(state: dict[str, Any], *, identity: dict[str, Any],
+                  path: str | os.PathLike) -> None:
+    """Refuse, in one line, a resumable state written for other data (`identity`: class
+    mapping, data digest, held-out split)."""
     saved = state.get("identity") or {}
-    for key, expected in (identity or {}).items():
+    for key, expected in identity.items():
         if saved.get(key) != expected:
             raise CheckpointError(f"{path}: belongs to another run (its {key.replace('_', ' ')} "
                                   "differs from this data's); start without --resume or point "
                                   "to the data it was trained on")
-    return state
 
 
 def resume_belongs(path: str | os.PathLike, run_id: str) -> bool:

@@ -95,14 +95,13 @@ def _holding(out: str | os.PathLike | None, *, option: str, dist: Distributed) -
 
 def _run(root: Path, *, typed: dict[str, Any], device: torch.device, out: Path | None,
          resume: str | os.PathLike | None, final: bool, names_file, fixes: Fixes | None,
-         again: str,
-         fractions: tuple[float, float], dist: Distributed,
+         again: str, fractions: tuple[float, float], dist: Distributed,
          log: Callable[[str], None]) -> Result | None:
     """run's work, in the held save folder."""
     start = time.perf_counter()
     # A resumed run is the saved run: its backbone decides how the images are prepared.
-    saved = (checkpoint.read_resume(resume).get("identity", {}).get("config") or {}
-             if resume else typed)
+    state = checkpoint.read_resume(resume) if resume else None
+    saved = (state.get("identity", {}).get("config") or {}) if state else typed
     found = splits.load_data(root, model.get_backbone(saved.get("arch", TrainConfig.arch)),
                              valid_fraction=fractions[0], test_fraction=fractions[1],
                              names_file=names_file, fixes=fixes)
@@ -118,8 +117,8 @@ def _run(root: Path, *, typed: dict[str, Any], device: torch.device, out: Path |
             "to choose it yourself)")
     identity = {"class_to_idx": found.class_to_idx, "data_digest": found.digest(),
                 "held_out": found.held_out}
-    state = checkpoint.read_resume(resume, identity=identity) if resume else None
     if state is not None:
+        checkpoint.check_belongs(state, identity=identity, path=resume)
         config = TrainConfig.from_dict(state["identity"]["config"])
     if "valid" not in sets:
         raise UserError(f"{root}: no valid/ folder and --valid_fraction 0; training needs "
