@@ -16,7 +16,7 @@ from helpers.config import TUNED, TrainConfig
 
 @pytest.mark.slow
 def test_pipeline_command_trains_saves_predicts_and_charts(tmp_path, capsys):
-    folder = make_image_folder(tmp_path / "flowers", ["1", "2", "10"], per_class=4)
+    folder = make_image_folder(tmp_path / "flowers", ["1", "2", "10"], per_class=10)  # 30 valid
     out = tmp_path / "out"
     status = cli.main(["pipeline", "--data_dir", str(folder), "--out", str(out), "--epochs", "2",
                        "--batch_size", "6", "--hidden_units", "16", "--learning_rate", "0.01",
@@ -31,7 +31,9 @@ def test_pipeline_command_trains_saves_predicts_and_charts(tmp_path, capsys):
     assert (out / "checkpoint.engine.onnx").is_file()  # predict.py's engine, beside it
     summary = json.loads((out / "metrics.json").read_text())
     assert [r["phase"] for r in summary["history"]] == ["linear probe", "fine-tune", "fine-tune"]
-    assert 0 <= summary["test"]["top1"] <= 1 and summary["calibration"]["fitted_on"] == "valid"
+    assert summary["calibration"]["fitted_on"] == "valid"  # 30 images: enough to calibrate
+    assert summary["test"] == ckpt["metrics"]["test"] and summary["test"]["n"] == 30
+    assert f"test: top-1 {summary['test']['top1']:.2%}" in printed
 
 
 def test_pipeline_reports_a_missing_folder_in_one_line(tmp_path, capsys):
