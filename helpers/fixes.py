@@ -17,10 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .images import is_hidden
 from .runtime import UserError, atomic_write_bytes
-
-SPLIT_FOLDERS = ("train", "valid", "test")
 
 
 class FixesError(UserError):
@@ -146,14 +143,6 @@ def apply_fixes_to_sets(sets: Mapping[str, Any], *, fixes: Fixes,
             f"{len(fixes.relabel)} relabelled")
 
 
-def class_folders(root: str | os.PathLike) -> list[str]:
-    """The class folders of a data folder: those of its train/ folder, else its own."""
-    root = Path(root)
-    top = root / "train" if (root / "train").is_dir() else root
-    return sorted(p.name for p in top.iterdir()
-                  if p.is_dir() and not is_hidden(p.name) and p.name not in SPLIT_FOLDERS)
-
-
 def fixes_from_decisions(decisions: Mapping[str, str], *,
                          previous: Fixes | None = None) -> Fixes:
     """Fixes from per-photo decisions: "keep", "exclude" or "relabel:FOLDER", over `previous`.
@@ -178,9 +167,10 @@ def fixes_from_decisions(decisions: Mapping[str, str], *,
 
 
 def write_fixes(decisions: Mapping[str, str], *, path: str | os.PathLike,
-                root: str | os.PathLike) -> Fixes:
+                root: str | os.PathLike, classes: Collection[str]) -> Fixes:
     """Merge decisions into the fixes file at `path` (made if missing), checked against the
-    data folder `root`, written whole or not at all; returns what the file now holds."""
+    data folder `root` and its class folders as loaded, written whole or not at all; returns
+    what the file now holds."""
     path = Path(path)
     previous = read_fixes(path) if path.is_file() else Fixes(source=str(path))
     fixes = fixes_from_decisions(decisions, previous=previous)
@@ -188,7 +178,7 @@ def write_fixes(decisions: Mapping[str, str], *, path: str | os.PathLike,
     if not root.is_dir():
         raise FixesError(f"{root}: no such data folder; give the folder the paths are in")
     relabelled = {p for p in fixes.relabel if (root / p).is_file()}
-    check_fixes(fixes, root=root, paths=relabelled, classes=class_folders(root))
+    check_fixes(fixes, root=root, paths=relabelled, classes=classes)
     text = json.dumps({"exclude": sorted(fixes.exclude), "relabel": dict(sorted(
         fixes.relabel.items()))}, indent=1)
     atomic_write_bytes((text + "\n").encode(), path)

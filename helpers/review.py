@@ -16,7 +16,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from .backbones import Backbone
-from .fixes import SPLIT_FOLDERS, Fixes, FixesError, read_fixes, write_fixes
+from .data import SPLITS
+from .fixes import Fixes, FixesError, read_fixes, write_fixes
 from .images import ImageError, open_image
 from .splits import DataSplits, load_data
 
@@ -48,7 +49,7 @@ def summary(report: dict[str, Any]) -> str:
 def _folder_of(path: str, classes: dict[str, Any]) -> str | None:
     """The class folder a relative path lies in (split/class/... or class/...), if known."""
     parts = PurePosixPath(path).parts
-    if len(parts) > 2 and parts[0] in SPLIT_FOLDERS and parts[1] in classes:
+    if len(parts) > 2 and parts[0] in SPLITS and parts[1] in classes:
         return parts[1]
     return parts[0] if len(parts) > 1 and parts[0] in classes else None
 
@@ -170,7 +171,8 @@ def review(report: dict[str, Any], *, root: str | os.PathLike, fixes_path: str |
         with output:
             output.clear_output()
             try:
-                fixes = write_fixes(decisions, path=fixes_path, root=root)
+                fixes = write_fixes(decisions, path=fixes_path, root=root,
+                                    classes=report["counts"]["classes"])
             except FixesError as err:
                 print(err)
                 return

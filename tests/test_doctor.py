@@ -314,17 +314,19 @@ def test_notebook_decisions_become_a_fixes_file(samples, tmp_path):
     root, _, _ = samples
     path = tmp_path / "notes" / "fixes.json"
     write_fixes({"train/a/img_0.jpg": "exclude", "train/b/img_0.jpg": "relabel:c",
-                 "train/c/img_0.jpg": "keep"}, path=path, root=root)
+                 "train/c/img_0.jpg": "keep"}, path=path, root=root,
+                classes=["a", "b", "c"])
     assert json.loads(path.read_text()) == {"exclude": ["train/a/img_0.jpg"],
                                             "relabel": {"train/b/img_0.jpg": "c"}}
     fixes = write_fixes({"train/a/img_0.jpg": "keep", "train/c/img_1.jpg": "exclude"},
-                        path=path, root=root)  # later decisions merge over the file
+                        path=path, root=root, classes=["a", "b", "c"])  # merged over the file
     assert fixes == read_fixes(path)
     assert json.loads(path.read_text())["exclude"] == ["train/c/img_1.jpg"]
     with pytest.raises(FixesError, match="choose keep, exclude or relabel:CLASS_FOLDER"):
         fixes_from_decisions({"train/a/img_0.jpg": "delete"})
     with pytest.raises(FixesError, match="'zebra', which is no class folder"):
-        write_fixes({"train/a/img_1.jpg": "relabel:zebra"}, path=path, root=root)
+        write_fixes({"train/a/img_1.jpg": "relabel:zebra"}, path=path, root=root,
+                    classes=["a", "b", "c"])
     assert json.loads(path.read_text())["exclude"] == ["train/c/img_1.jpg"]  # kept whole
     assert os.listdir(path.parent) == ["fixes.json"]
 
