@@ -53,8 +53,9 @@ TABLE = [  # the variants of the README's table, seed 0 unless given
 ]
 
 
-def extract() -> None:
-    """Write the activations of every view the variants use to build/levers/."""
+def extract(only: list[str] | None = None) -> None:
+    """Write the activations of every view the variants use (or of the `only` ones, named
+    split-view) to build/levers/; views already written are kept."""
     from torchvision import transforms
 
     spec = backbones.get_backbone("efficientnet_lite0")
@@ -64,11 +65,21 @@ def extract() -> None:
         transforms.Resize(288, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(288), transforms.ToTensor(),
         transforms.Normalize(spec.mean, spec.std)])
+    c256 = transforms.Compose([  # a larger centre crop of the same photo: 8 x 8 maps
+        transforms.Resize(288, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(256), transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std)])
+    mirror = transforms.RandomHorizontalFlip(p=1.0)
     jobs = [(s, "c224", data.eval_transform(spec), 224) for s in ("train", "valid", "test")]
     jobs += [(s, "s288", whole, 288) for s in ("train", "valid", "test")]
     jobs += [("train", f"aug{v}", data.train_transform(spec), 224) for v in range(1, 7)]
+    for s in ("valid", "test"):  # test-time views: the mirror image, a larger crop
+        jobs += [(s, "c224f", transforms.Compose([mirror, data.eval_transform(spec)]), 224),
+                 (s, "c256", c256, 256), (s, "c256f", transforms.Compose([mirror, c256]), 256)]
     OUT.mkdir(parents=True, exist_ok=True)
     for split, name, transform, size in jobs:
+        if (only and f"{split}-{name}" not in only) or (OUT / f"{split}-{name}.pt").exists():
+            continue
         dataset = data.image_folder(data.data_dir() / split)
         run = trunk.make_runner("openvino", trunk_, digest=digest, input_size=size,
                                 device=torch.device("cpu"))
@@ -114,8 +125,11 @@ def _batches(kind: str, views: list[torch.Tensor], big: torch.Tensor | None, y: 
 
 def train(batches: str = "one", epochs: int = 12, views: int = 3, seed: int = 0,
           frozen_bn: bool = False, flip: bool = False, mixup: float = 0.0,
-          eval: str = "c224", scale: tuple[float, float] = (1.0, 1.0)) -> dict:
-    """Probe, then fine-tune the tail and head on the cached views; returns the figures."""
+          eval: str = "c224", scale: tuple[float, float] = (1.0, 1.0),
+          also: tuple[str, ...] = ()) -> dict:
+    """Probe, then fine-tune the tail and head on the cached views; returns the figures.
+    `also` names more valid views judged every epoch besides `eval` (a "+" between names
+    averages their probabilities: "c224+c224f" is flip test-time augmentation)."""
     torch.manual_seed(seed)
     spec = backbones.get_backbone("efficientnet_lite0")
     _, tail = cache.split_backbone(spec.build(True), 1)
@@ -135,6 +149,9 @@ def train(batches: str = "one", epochs: int = 12, views: int = 3, seed: int = 0,
         big, views_ = None, [_load(f"train-{n}")[0] for n in names]
         centre, y = views_[0], _load("train-c224")[1]
     x_valid, y_valid = _load(f"valid-{eval}")
+    judged = {name: name.split("+") for name in also}
+    extra = {v: _load(f"valid-{v}")[0] for parts in judged.values() for v in parts}
+    more: dict[str, list[float]] = {name: [] for name in judged}
     net.eval()  # the linear probe on pooled centre features, as the recipe's first phase
     with torch.no_grad(), autocast():
         features = torch.cat([tail(b.float()).float() for b in centre.split(256)])
@@ -178,21 +195,35 @@ def train(batches: str = "one", epochs: int = 12, views: int = 3, seed: int = 0,
             optimizer.step()
             schedule.step()
         net.eval()
-        with torch.no_grad(), autocast():
-            logits = torch.cat([net(b.float().contiguous(memory_format=torch.channels_last))
-                                .float() for b in x_valid.split(256)])
-        history.append(round((logits.argmax(1) == y_valid).float().mean().item() * 100, 2))
+
+        def probs(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), autocast():
+                return torch.cat([net(b.float().contiguous(memory_format=torch.channels_last))
+                                  .float().softmax(1) for b in x.split(256)])
+
+        history.append(round((probs(x_valid).argmax(1) == y_valid).float().mean().item() * 100, 2))
+        views_probs = {v: probs(x) for v, x in extra.items()}
+        for name, parts in judged.items():
+            p = torch.stack([views_probs[v] for v in parts]).mean(0)
+            more[name].append(round((p.argmax(1) == y_valid).float().mean().item() * 100, 2))
+    test = {}  # the last epoch's model on test, reported only (nothing is chosen on it)
+    if also:
+        for name in (eval, *judged):
+            p = torch.stack([probs(_load(f"test-{v}")[0]) for v in name.split("+")]).mean(0)
+            test[name] = round((p.argmax(1) == _load("test-c224")[1]).float().mean().item()
+                               * 100, 2)
     return {"batches": batches, "epochs": epochs, "views": views, "seed": seed,
             "frozen_bn": frozen_bn, "flip": flip, "mixup": mixup, "eval": eval,
             "steps": epochs * per_epoch, "valid_best": max(history), "valid_last": history[-1],
-            "valid": history, "seconds": round(time.perf_counter() - tic)}
+            "valid": history, "also": more, "test_last": test,
+            "seconds": round(time.perf_counter() - tic)}
 
 
 def main(argv: list[str]) -> None:
     """extract | train JSON | table."""
     print(f"CPU flags: {runtime.cpu_flags()}", flush=True)
     if argv[0] == "extract":
-        extract()
+        extract(argv[1:] or None)
     elif argv[0] == "train":
         print(json.dumps(train(**json.loads(argv[1]))), flush=True)
     else:
