@@ -95,7 +95,8 @@ def run_export(ckpt_path: Path, data_root: Path, quick: bool) -> dict:
                            for i in range(0, len(x_all), 64)]).numpy()
         one = torch.from_numpy(x_all[:1])
         p50, p95 = latency(clf, one, 20 if quick else 100)
-    rows["pytorch fp32"] = {"mb": ckpt_path.stat().st_size / 1e6, "p50_ms": p50, "p95_ms": p95,
+    rows["pytorch fp32"] = {"mb": (ckpt_path / "checkpoint.pth").stat().st_size / 1e6,
+                            "p50_ms": p50, "p95_ms": p95,
                             "test_top1": float((probs.argmax(1) == labels).mean())}
     for name, path in paths.items():
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
