@@ -71,7 +71,7 @@ def latency(fn, x, repeats: int) -> tuple[float, float]:
     return times[len(times) // 2], times[int(len(times) * 0.95) - 1]
 
 
-def run_export(ckpt_path: Path, data_root: Path, quick: bool) -> dict:
+def run_export(folder: Path, data_root: Path, quick: bool) -> dict:
     """Exported models: size, test accuracy and batch-1 latency, next to PyTorch."""
     import numpy as np
     import onnxruntime as ort
@@ -79,12 +79,12 @@ def run_export(ckpt_path: Path, data_root: Path, quick: bool) -> dict:
     from helpers import export
     from helpers.export import preprocess_for as process_for
 
-    clf, _ = checkpoint.load_checkpoint(ckpt_path / "checkpoint.pth")
-    tmp = ckpt_path
-    paths = {"onnx fp32": export.export_onnx(clf, tmp / "model.onnx")}
-    paths["onnx int8"] = export.quantize_onnx(clf, paths["onnx fp32"], out=tmp / "model.int8.onnx",
-                                              calibration=data_root / "train",
-                                              count=40 if quick else 200)
+    ckpt = folder / "checkpoint.pth"
+    clf, _ = checkpoint.load_checkpoint(ckpt)
+    paths = {"onnx fp32": export.export_onnx(clf, folder / "model.onnx")}
+    paths["onnx int8"] = export.quantize_onnx(
+        clf, paths["onnx fp32"], out=folder / "model.int8.onnx",
+        calibration=data_root / "train", count=40 if quick else 200)
     test = data.image_folder(data_root / "test")
     x_all = np.stack([process_for(clf, p) for p, _ in test.samples])
     labels = np.array(test.targets)
@@ -95,8 +95,7 @@ def run_export(ckpt_path: Path, data_root: Path, quick: bool) -> dict:
                            for i in range(0, len(x_all), 64)]).numpy()
         one = torch.from_numpy(x_all[:1])
         p50, p95 = latency(clf, one, 20 if quick else 100)
-    rows["pytorch fp32"] = {"mb": (ckpt_path / "checkpoint.pth").stat().st_size / 1e6,
-                            "p50_ms": p50, "p95_ms": p95,
+    rows["pytorch fp32"] = {"mb": ckpt.stat().st_size / 1e6, "p50_ms": p50, "p95_ms": p95,
                             "test_top1": float((probs.argmax(1) == labels).mean())}
     for name, path in paths.items():
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
