@@ -34,12 +34,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import checkpoint, data, run, runtime, storage  # noqa: E402
+from helpers.core import device as runtime  # noqa: E402
+from helpers.core import files as storage  # noqa: E402
+from helpers.data import folders as data  # noqa: E402
+from helpers.model import checkpoint  # noqa: E402
+from helpers.train import run  # noqa: E402
 
 
 def run_one(recipe: str, seed: int, data_root: Path, quick: bool, *, final: bool = False,
             save: Path | None = None) -> dict:
-    """Train one recipe from raw images as train.py does (helpers.run.run: the same settling,
+    """Train one recipe from raw images as train.py does (helpers.train.run.run: the same settling,
     training, figures and saving); return its history, phases, accuracy and memory."""
     typed = {"seed": seed} | ({"recipe": "course"} if recipe == "course" else {})
     if quick:
@@ -76,8 +80,8 @@ def run_export(folder: Path, data_root: Path, quick: bool) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from helpers import export
-    from helpers.export import preprocess_for as process_for
+    from helpers.data.preprocess import process_image
+    from helpers.serve import export
 
     ckpt = folder / "checkpoint.pth"
     clf, _ = checkpoint.load_checkpoint(ckpt)
@@ -86,7 +90,7 @@ def run_export(folder: Path, data_root: Path, quick: bool) -> dict:
         clf, paths["onnx fp32"], out=folder / "model.int8.onnx",
         calibration=data_root / "train", count=40 if quick else 200)
     test = data.image_folder(data_root / "test")
-    x_all = np.stack([process_for(clf, p) for p, _ in test.samples])
+    x_all = np.stack([process_image(p, spec=clf.preprocess) for p, _ in test.samples])
     labels = np.array(test.targets)
     rows = {}
     torch.set_num_threads(os.cpu_count() or 1)

@@ -11,7 +11,7 @@ and how long it takes.
    random (through a fixes file's relabel, the data folder untouched), the doctor run again
    (its activations now cached); recall is the share of planted photos among the top 2 % of
    suspects (as many suspects as planted photos). Goal: >= 80 %.
-3. With --train, three trainings by the default recipe (helpers.run.run, as train.py): on
+3. With --train, three trainings by the default recipe (helpers.train.run.run, as train.py): on
    the data as it is (test top-1 on the whole test split, and without the test photos
    that have a copy or near-copy in train or valid), on the planted data, and on the
    planted data less the doctor's top suspects (as many as planted), through fixes files.
@@ -31,11 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import evaluate, run  # noqa: E402
-from helpers.data import data_dir  # noqa: E402
-from helpers.doctor import examine  # noqa: E402
-from helpers.fixes import Fixes  # noqa: E402
-from helpers.runtime import atomic_write_bytes  # noqa: E402
+from helpers.core.files import atomic_write_bytes  # noqa: E402
+from helpers.data.fixes import Fixes  # noqa: E402
+from helpers.data.folders import data_dir  # noqa: E402
+from helpers.insight.doctor import examine  # noqa: E402
+from helpers.train import evaluate, run  # noqa: E402
 
 KINDS = ("within-class", "across-classes", "across-splits")
 KNOWN_LEAK = ["train/31/image_08077.jpg", "valid/31/image_08067.jpg"]
@@ -79,7 +79,7 @@ def main() -> None:
                                                                         "near_duplicates"))
     leak = any(sorted(g["paths"]) == KNOWN_LEAK and g["kind"] == "across-splits"
                for g in report["duplicates"])
-    from helpers.runtime import cpu_flags
+    from helpers.core.device import cpu_flags
 
     print(f"\nCPU: {os.cpu_count()} cores, flags: {cpu_flags()}")
     print(f"data: {root} ({report['counts']['total']} photos), cache "

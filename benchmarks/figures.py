@@ -24,8 +24,13 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import checkpoint, data, gradcam, plots, prediction, report, runtime, splits  # noqa: E402
-from helpers import report_plots as insight_plots  # noqa: E402
+from helpers.core import device as runtime  # noqa: E402
+from helpers.data import folders as data  # noqa: E402
+from helpers.data import splits  # noqa: E402
+from helpers.insight import gradcam, plots, report  # noqa: E402
+from helpers.insight import report_plots as insight_plots  # noqa: E402
+from helpers.model import checkpoint  # noqa: E402
+from helpers.serve import prediction  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "hubble_deep_field",
           "immunohistochemistry", "retina"]
@@ -36,7 +41,7 @@ def main(ckpt_path: str) -> None:
     assets = ROOT / "assets"
     device = runtime.get_device()
     model, saved = checkpoint.load_checkpoint(ckpt_path, device)
-    sets = splits.load_data(data.data_dir(), model.spec).sets
+    sets = splits.load_data(data.data_dir(), model.preprocess).sets
     history = saved["metrics"]["history"]
     plots.save_figure(plots.plot_history(history), assets / "training_curves.png")
     image_path, label = sets["test"].samples[0]

@@ -19,11 +19,11 @@ import time
 import torch
 from torch import nn
 
-from helpers.backbones import get_backbone
-from helpers.cache import split_backbone
-from helpers.model import build_head
-from helpers.recipes import CachedModel
-from helpers.runtime import autocast_dtype, cpu_flags
+from helpers.core.device import autocast_dtype, cpu_flags
+from helpers.model.backbones import get_backbone
+from helpers.model.classifier import build_head
+from helpers.train.cache import split_backbone
+from helpers.train.recipes import CachedModel
 
 
 def step_ms(net: CachedModel, x: torch.Tensor, y: torch.Tensor, *, steps: int,

@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import checkpoint, cli  # noqa: E402
+from helpers import cli  # noqa: E402
+from helpers.model import checkpoint  # noqa: E402
 
 COURSE_TRAIN_IMAGES = 6552
 

@@ -32,7 +32,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import backbones, cache, data, model, recipes, runtime, trunk  # noqa: E402
+from helpers.core import device as runtime  # noqa: E402
+from helpers.data import folders as data  # noqa: E402
+from helpers.data.transforms import eval_transform, train_transform  # noqa: E402
+from helpers.model import backbones  # noqa: E402
+from helpers.model import classifier as model  # noqa: E402
+from helpers.train import cache, recipes, trunk  # noqa: E402
 
 OUT = ROOT / "build" / "levers"
 TABLE = [  # the variants of the README's table, seed 0 unless given
@@ -64,17 +69,17 @@ def extract(only: list[str] | None = None) -> None:
     whole = transforms.Compose([  # the whole shorter side, square: 9 x 9 maps at 288 px
         transforms.Resize(288, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(288), transforms.ToTensor(),
-        transforms.Normalize(spec.mean, spec.std)])
+        transforms.Normalize(spec.preprocess.mean, spec.preprocess.std)])
     c256 = transforms.Compose([  # a larger centre crop of the same photo: 8 x 8 maps
         transforms.Resize(288, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(256), transforms.ToTensor(),
-        transforms.Normalize(spec.mean, spec.std)])
+        transforms.Normalize(spec.preprocess.mean, spec.preprocess.std)])
     mirror = transforms.RandomHorizontalFlip(p=1.0)
-    jobs = [(s, "c224", data.eval_transform(spec), 224) for s in ("train", "valid", "test")]
+    jobs = [(s, "c224", eval_transform(spec.preprocess), 224) for s in ("train", "valid", "test")]
     jobs += [(s, "s288", whole, 288) for s in ("train", "valid", "test")]
-    jobs += [("train", f"aug{v}", data.train_transform(spec), 224) for v in range(1, 7)]
+    jobs += [("train", f"aug{v}", train_transform(spec.preprocess), 224) for v in range(1, 7)]
     for s in ("valid", "test"):  # test-time views: the mirror image, a larger crop
-        jobs += [(s, "c224f", transforms.Compose([mirror, data.eval_transform(spec)]), 224),
+        jobs += [(s, "c224f", transforms.Compose([mirror, eval_transform(spec.preprocess)]), 224),
                  (s, "c256", c256, 256), (s, "c256f", transforms.Compose([mirror, c256]), 256)]
     OUT.mkdir(parents=True, exist_ok=True)
     for split, name, transform, size in jobs:

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers.runtime import cpu_flags  # noqa: E402
+from helpers.core.device import cpu_flags  # noqa: E402
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
@@ -43,7 +43,8 @@ def make_checkpoint(folder: Path) -> Path:
     """A Lite0 classifier for the 102 flowers with its engine (the weights do not matter)."""
     import torch
 
-    from helpers import inference, model
+    from helpers.model import classifier as model
+    from helpers.serve import inference
 
     torch.manual_seed(0)
     clf = model.build_model("efficientnet_lite0", {str(i): i - 1 for i in range(1, 103)},

@@ -19,11 +19,11 @@ from functools import partial
 
 import torch
 
-from helpers.backbones import get_backbone
-from helpers.cache import split_backbone
-from helpers.model import weights_digest
-from helpers.runtime import cpu_flags, cpu_has_bf16
-from helpers.trunk import measure_runtimes, onnx_trunk
+from helpers.core.device import cpu_flags, cpu_has_bf16
+from helpers.model.backbones import get_backbone
+from helpers.model.classifier import weights_digest
+from helpers.train.cache import split_backbone
+from helpers.train.trunk import measure_runtimes, onnx_trunk
 
 
 def _rate(run, x: torch.Tensor, repeats: int) -> float:
@@ -79,13 +79,13 @@ def main() -> None:
     print(f"CPU flags: {cpu_flags()}; {torch.get_num_threads()} threads; batch {args.batch}")
     print("| runtime | images/s | max difference from PyTorch fp32 | candidate |")
     print("|---|---|---|---|")
-    measured = measure_runtimes(trunk, digest=digest, input_size=spec.input_size,
+    measured = measure_runtimes(trunk, digest=digest, input_size=spec.preprocess.input_size,
                                 batch_size=args.batch, repeats=args.repeats)
     for name, m in measured.items():
         verdict = "agrees" if m["agrees"] else "disagrees"
         print(f"| {name} fp32 | {m['images_per_s']:.0f} | {m['max_diff']:.1e} | {verdict} |")
-    path = onnx_trunk(trunk, digest=digest, input_size=spec.input_size)
-    x = torch.randn(args.batch, 3, spec.input_size, spec.input_size)
+    path = onnx_trunk(trunk, digest=digest, input_size=spec.preprocess.input_size)
+    x = torch.randn(args.batch, 3, spec.preprocess.input_size, spec.preprocess.input_size)
     with torch.inference_mode():
         expected = trunk(x)
     for name, run in _rejected(trunk, path, args.batch):

@@ -20,8 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from helpers import data, run, runtime  # noqa: E402
 from helpers.config import TrainConfig  # noqa: E402
+from helpers.core import device as runtime  # noqa: E402
+from helpers.data import folders as data
+from helpers.train import run
 
 
 def main(argv: list[str]) -> None:

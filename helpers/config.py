@@ -7,7 +7,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from .runtime import UserError
+from helpers.core.errors import UserError
 
 
 @dataclass(frozen=True)

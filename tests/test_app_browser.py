@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 
 from conftest import CHROMIUM_ARGS, REAL_DATA, ROOT, chromium
-from helpers import webapp
-from helpers.prediction import process_image
+from helpers.data.preprocess import Preprocess, process_image
+from helpers.serve import webapp
+from helpers.serve.answers import answer
 
 pytestmark = pytest.mark.slow
 
@@ -54,9 +55,7 @@ PROB_ATOL = {"fp32": 1e-5, "int8": 0.03}[PRECISION]
 
 def _expected(path: Path, meta: dict) -> np.ndarray:
     """process_image of a photo with the app's own sizes and normalisation."""
-    return process_image(path, size=meta["input_size"], resize=meta["resize_size"],
-                         mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-                         interpolation=meta["interpolation"])
+    return process_image(path, spec=Preprocess.from_metadata(meta))
 
 
 def train_small_checkpoint(data: Path, out: Path, *, classes: int = CLASSES) -> Path:
@@ -65,8 +64,12 @@ def train_small_checkpoint(data: Path, out: Path, *, classes: int = CLASSES) -> 
     import numpy as np
     import torch
 
-    from helpers import backbones, checkpoint, engine, inference, model, recipes, splits
     from helpers.config import TrainConfig
+    from helpers.data import splits
+    from helpers.model import backbones, checkpoint
+    from helpers.model import classifier as model
+    from helpers.serve import inference
+    from helpers.train import recipes
 
     root = out / "flowers"
     names = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())[:classes]
@@ -77,11 +80,11 @@ def train_small_checkpoint(data: Path, out: Path, *, classes: int = CLASSES) -> 
                 (root / split / name / photo.name).symlink_to(photo)
     config = TrainConfig.course(epochs=2, batch_size=32)
     device = torch.device("cpu")
-    found = splits.load_data(root, backbones.get_backbone(config.arch))
+    found = splits.load_data(root, backbones.get_backbone(config.arch).preprocess)
     clf = model.new_model(found.sets, config, names=found.names)
     recipes.run_recipe(clf, found.sets, config, device, log=None)
     logits, _, _ = inference.logits_of(clf, found.sets["valid"].samples)
-    probs = engine.softmax(logits)
+    probs = answer(logits).probs
     # A temperature fitted on 10 easy classes collapses (every valid image is right), so keep
     # T = 1 and put the unsure threshold at the valid images' median top probability: the
     # test photos then get both answers, sure and unsure.

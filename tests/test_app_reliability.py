@@ -19,7 +19,10 @@ import pytest
 from test_webapp import tiny_ckpt  # noqa: F401 (the fixture: a random-weight checkpoint)
 
 from conftest import ROOT
-from helpers import cli, runtime, webapp
+from helpers import cli
+from helpers.core.errors import AppError
+from helpers.core.files import file_sha256
+from helpers.serve import webapp
 
 needs_npm = pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
 WASM = "ort-wasm-simd-threaded.wasm"
@@ -41,7 +44,7 @@ def test_a_port_out_of_range_is_a_usage_error_before_the_build(port, no_build, t
         cli.main(["app", "ckpt.pth", "--out", str(tmp_path / "app"), "--serve", port])
     assert exit_.value.code == 2
     assert f"'{port}' is not a port: give one from 1 to 65535" in capsys.readouterr().err
-    with pytest.raises(webapp.AppError, match="port 70000: not a TCP port"):
+    with pytest.raises(AppError, match="port 70000: not a TCP port"):
         webapp.make_server(tmp_path, port=70000, built=False)
 
 
@@ -116,7 +119,7 @@ def test_the_server_gives_out_regular_files_inside_its_folder_only(tmp_path, cap
 def _wasm_is_whole(dist: Path) -> bool:
     """The runtime file has the sha256 the lock file's tarball gives it."""
     record = json.loads((dist.parents[2] / "ort-files.json").read_text())
-    return runtime.file_sha256(dist / WASM) == record["files"][WASM]
+    return file_sha256(dist / WASM) == record["files"][WASM]
 
 
 @pytest.mark.slow  # npm ci, twice

@@ -11,29 +11,29 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from conftest import ROOT
 
 PACKAGE = ROOT / "helpers"
-# Each module's layer: a module may import its own layer or below, never above.
-LAYERS = {
-    "runtime": 0, "storage": 0, "distributed": 0, "images": 0, "config": 0, "__init__": 0,
-    "backbones": 0,
-    "static_server": 0, "fixes": 0, "headers": 0,
-    "names": 1, "engine": 1, "data": 1,
-    "download": 2, "model": 2, "splits": 2, "likeness": 2, "onnx_io": 2, "trunk": 2, "batches": 2,
-    "checkpoint": 3, "cache": 3, "loop": 3, "plan": 3,
-    "export": 4, "inference": 4, "recipes": 4, "prediction": 4, "evaluate": 4, "calibration": 4,
-    "gradcam": 4, "doctor": 4,
-    "report": 5, "plots": 5, "report_plots": 5, "try_photo": 5, "webapp": 5, "run": 5,
-    "review": 5,
-    "cli": 6, "__main__": 6,
-}
+LAYER_NAMES = helpers.LAYERS
+LAYERS = {name: rank for rank, name in enumerate(LAYER_NAMES)}
 
 
 def _module_name(path: Path) -> str:
-    """helpers/cli/train_commands.py -> cli; helpers/loop.py -> loop."""
+    """The layer of a file: its package under helpers/ (helpers/train/loop.py -> train), or
+    the top-level module itself (config); __main__ is a command line, __init__ below all."""
     parts = path.relative_to(PACKAGE).with_suffix("").parts
-    return parts[0]
+    return {"__main__": "cli", "__init__": "core"}.get(parts[0], parts[0])
+
+
+def test_the_folders_are_the_layers():
+    """Every package and top-level module of helpers/ is a layer, and every layer is there."""
+    found = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    found |= {p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    assert found == set(LAYER_NAMES), found ^ set(LAYER_NAMES)
+    loose = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+             if len(p.relative_to(PACKAGE).parts) > 2]
+    assert not loose, f"a layer is one level of packages: {loose}"
 
 
 def _imports(path: Path) -> set[str]:
@@ -81,8 +81,33 @@ def test_no_import_reaches_up_even_inside_a_function():
     assert not upward, upward
 
 
+def _dotted(path: Path) -> str:
+    """helpers/train/loop.py -> helpers.train.loop; a package's __init__ -> the package."""
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the helpers modules it imports (a name imported from a package counts as
+    its module when it is one), at the top or inside any function."""
+    modules = {_dotted(p) for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (
+                    node.module or "").startswith("helpers"):
+                for alias in node.names:
+                    inner = f"{node.module}.{alias.name}"
+                    found.add(inner if inner in modules else node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name in modules)
+        graph[_dotted(path)] = found - {_dotted(path), "helpers"}
+    return graph
+
+
 def test_no_circular_imports():
-    graph = _graph()
+    """Between modules, not only between layers: no module needs itself."""
+    graph = _module_graph()
     seen, on_path = set(), []
 
     def visit(node: str) -> None:
@@ -146,8 +171,9 @@ def test_public_functions_are_typed_documented_and_take_few_positional_parameter
 
 
 def test_the_command_line_and_the_engine_do_not_import_torch():
-    code = ("import sys; import helpers.cli, helpers.cli.answer_commands, helpers.engine, "
-            "helpers.config, helpers.names; print('torch' in sys.modules)")
+    code = ("import sys; import helpers.cli, helpers.cli.answer_commands, helpers.serve.engine, "
+            "helpers.serve.answers, helpers.config, helpers.data.names, helpers.data.preprocess, "
+            "helpers.core.errors, helpers.core.files; print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, check=True)
     assert done.stdout.strip() == "False"

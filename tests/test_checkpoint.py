@@ -8,8 +8,10 @@ import pickle
 import pytest
 import torch
 
-from helpers import checkpoint, model
 from helpers.config import TrainConfig
+from helpers.core.errors import CheckpointError
+from helpers.model import checkpoint
+from helpers.model import classifier as model
 
 CLASSES = {str(c): i for i, c in enumerate(sorted(str(k) for k in range(1, 13)))}
 
@@ -61,35 +63,35 @@ def test_code_payload_is_refused_and_never_runs(tmp_path, monkeypatch):
         pickle.dump({"format_version": 1, "x": _Payload()}, f)
     torch.save({"format_version": 1, "x": _Payload()}, tmp_path / "evil2.pth")
     for p in (path, tmp_path / "evil2.pth"):
-        with pytest.raises(checkpoint.CheckpointError, match="refused"):
+        with pytest.raises(CheckpointError, match="refused"):
             checkpoint.load_checkpoint(p)
     assert not (tmp_path / "PWNED").exists()
 
 
 def test_bad_files_are_clear_errors(trained, tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "absent.pth")
     (tmp_path / "text.pth").write_text("hello")
-    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "text.pth")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(checkpoint.CheckpointError, match="missing format_version"):
+    with pytest.raises(CheckpointError, match="missing format_version"):
         checkpoint.load_checkpoint(tmp_path / "other.pth")
     good = checkpoint.save_checkpoint(trained, tmp_path / "good.pth")
     data = good.read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "cut.pth")
     ckpt = checkpoint.checkpoint_dict(trained)
     torch.save(ckpt | {"format_version": 99}, tmp_path / "new.pth")
-    with pytest.raises(checkpoint.CheckpointError, match="newer"):
+    with pytest.raises(CheckpointError, match="newer"):
         checkpoint.load_checkpoint(tmp_path / "new.pth")
     torch.save(ckpt | {"arch": "alexnet"}, tmp_path / "arch.pth")
-    with pytest.raises(checkpoint.CheckpointError, match="unknown architecture 'alexnet'"):
+    with pytest.raises(CheckpointError, match="unknown architecture 'alexnet'"):
         checkpoint.load_checkpoint(tmp_path / "arch.pth")
     torch.save(ckpt | {"class_to_idx": {"1": 0}, "class_names": ["one"],
                        "head": ckpt["head"] | {"num_classes": 1}}, tmp_path / "n.pth")
-    with pytest.raises(checkpoint.CheckpointError, match="do not fit"):
+    with pytest.raises(CheckpointError, match="do not fit"):
         checkpoint.load_checkpoint(tmp_path / "n.pth")
 
 
@@ -111,7 +113,7 @@ def test_bad_files_are_clear_errors(trained, tmp_path):
 def test_edited_checkpoints_name_the_file_and_the_field(trained, tmp_path, change, field):
     path = tmp_path / "edited.pth"
     torch.save(checkpoint.checkpoint_dict(trained) | change, path)
-    with pytest.raises(checkpoint.CheckpointError, match=f"edited.pth: field {field} "):
+    with pytest.raises(CheckpointError, match=f"edited.pth: field {field} "):
         checkpoint.load_checkpoint(path)
 
 
@@ -122,7 +124,7 @@ def test_resume_refuses_a_state_of_another_run(tmp_path):
     assert checkpoint.read_resume(tmp_path / "last.pth",
                                   identity={"class_to_idx": {"a": 0, "b": 1},
                                             "data_digest": "abc"})["kind"] == "resume"
-    with pytest.raises(checkpoint.CheckpointError, match="belongs to another run .*data digest"):
+    with pytest.raises(CheckpointError, match="belongs to another run .*data digest"):
         checkpoint.read_resume(tmp_path / "last.pth", identity={"data_digest": "xyz"})
     assert checkpoint.resume_belongs(tmp_path / "last.pth", "r1")
     assert not checkpoint.resume_belongs(tmp_path / "last.pth", "r2")
@@ -155,5 +157,5 @@ def test_safetensors_format_round_trip(trained, tmp_path):
         assert torch.equal(trained(x), loaded(x))
     assert loaded.class_names == trained.class_names and ckpt["metrics"]["test"]["top1"] == 0.5
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
-    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "bad.safetensors")

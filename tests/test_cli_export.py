@@ -13,10 +13,13 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, make_image_folder
-from helpers import checkpoint, cli, export, inference, model
+from helpers import cli
 from helpers.config import TrainConfig
-from helpers.prediction import predict, process_image
-from helpers.runtime import UserError
+from helpers.core.errors import UserError
+from helpers.model import checkpoint
+from helpers.model import classifier as model
+from helpers.serve import export, inference
+from helpers.serve.prediction import predict, process_image
 
 CLASSES = ["1", "2", "10"]
 
@@ -162,7 +165,7 @@ def test_predict_answers_without_importing_torch(folder, ckpt):
 
 
 def test_a_stale_engine_is_rebuilt_from_the_checkpoint(folder, ckpt, tmp_path, capsys):
-    from helpers.engine import engine_path, open_engine
+    from helpers.serve.engine import engine_path, open_engine
 
     copy = tmp_path / "copy.pth"
     clf, _ = checkpoint.load_checkpoint(ckpt)
@@ -231,7 +234,7 @@ def test_onnx_and_torch_exports_agree_with_pytorch(folder, ckpt, tmp_path, capsy
     assert json.loads(meta["class_names"]) == clf.class_names and meta["input_size"] == "64"
     exported = export.load_torch_export(next(tmp_path.glob("m.pt*")))
     images = sorted((folder / "test").rglob("*.jpg"))
-    x = np.stack([export.preprocess_for(clf, p) for p in images])
+    x = np.stack([process_image(p, spec=clf.preprocess) for p in images])
     with torch.no_grad():
         expected = clf(torch.from_numpy(x)).softmax(1).numpy()
         via_torch = exported(torch.from_numpy(x)).numpy()
@@ -288,7 +291,7 @@ def test_int8_export_is_quantized_smaller_and_runs(folder, ckpt, tmp_path):
     assert path.stat().st_size < 0.6 * (tmp_path / "f.onnx").stat().st_size
     session = ort.InferenceSession(str(path))
     clf, _ = checkpoint.load_checkpoint(ckpt)
-    x = export.preprocess_for(clf, Image.open(folder / "test" / "1" / "img_0.jpg"))[None]
+    x = process_image(Image.open(folder / "test" / "1" / "img_0.jpg"), spec=clf.preprocess)[None]
     probs = session.run(None, {"images": x})[0]
     assert probs.shape == (1, 3) and abs(probs.sum() - 1) < 1e-3
 
@@ -330,7 +333,7 @@ def test_int8_export_names_real_photos_as_the_fp32_export_does(real_data, tmp_pa
                      "-o", str(tmp_path / "int8.onnx")]) == 0
     layers, float_ones = _quantized_layers(tmp_path / "int8.onnx")
     assert layers >= 50 and not float_ones, float_ones
-    x = np.stack([export.preprocess_for(clf, p) for p, _ in valid])
+    x = np.stack([process_image(p, spec=clf.preprocess) for p, _ in valid])
     truth = np.array([y for _, y in valid])
     fp32 = ort.InferenceSession(str(tmp_path / "fp32.onnx")).run(None, {"images": x})[0]
     int8 = ort.InferenceSession(str(tmp_path / "int8.onnx")).run(None, {"images": x})[0]
@@ -374,11 +377,11 @@ def test_exports_match_pytorch_on_60_real_test_images(real_data, tmp_path):
 def test_the_engine_gives_the_same_logits_in_either_runtime_and_follows_the_choice(
         folder, ckpt, monkeypatch, tmp_path):
     pytest.importorskip("openvino")
-    from helpers.engine import Engine, chosen_runtime, engine_path
-    from helpers.storage import cache_dir
+    from helpers.core.files import cache_dir
+    from helpers.serve.engine import Engine, chosen_runtime, engine_path
 
     by_ort = Engine(engine_path(ckpt), runtime="onnxruntime")
-    x = np.stack([by_ort.preprocess(p) for p in sorted((folder / "test").rglob("*.jpg"))])
+    x = np.stack([process_image(p, spec=by_ort.preprocess) for p in sorted((folder / "test").rglob("*.jpg"))])
     by_ov = Engine(engine_path(ckpt), runtime="openvino")
     assert np.allclose(by_ov.logits(x), by_ort.logits(x), atol=1e-4, rtol=1e-4)
     assert by_ov.class_ids == by_ort.class_ids == ["1", "10", "2"]
@@ -392,7 +395,7 @@ def test_the_engine_gives_the_same_logits_in_either_runtime_and_follows_the_choi
 def test_engine_header_is_read_as_onnx_reads_it(ckpt, tmp_path):
     import onnx
 
-    from helpers.engine import engine_path, open_engine, read_header
+    from helpers.serve.engine import engine_path, open_engine, read_header
 
     proto = onnx.load(engine_path(ckpt))
     meta, inputs = read_header(engine_path(ckpt))

@@ -9,11 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import data, splits, storage
-from helpers.backbones import get_backbone
-from helpers.prediction import process_image
+from helpers.core import files as storage
+from helpers.data import folders as data
+from helpers.data import splits
+from helpers.data.transforms import eval_transform
+from helpers.model.backbones import get_backbone
+from helpers.serve.prediction import process_image
 
-LITE0 = get_backbone("efficientnet_lite0")
+LITE0 = get_backbone("efficientnet_lite0").preprocess
 
 
 def test_data_and_cache_dirs_follow_environment(monkeypatch, tmp_path):
@@ -70,10 +73,9 @@ def test_numpy_process_image_matches_torchvision_eval_transform(size, arch):
     spec = get_backbone(arch)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    ours = process_image(image, size=spec.input_size, resize=spec.resize_size, mean=spec.mean,
-                         std=spec.std, interpolation=spec.interpolation)
-    reference = data.eval_transform(spec)(image).numpy()
-    assert ours.shape == reference.shape == (3, spec.input_size, spec.input_size)
+    ours = process_image(image, spec=spec.preprocess)
+    reference = eval_transform(spec.preprocess)(image).numpy()
+    assert ours.shape == reference.shape == (3, spec.preprocess.input_size, spec.preprocess.input_size)
     assert ours.dtype == np.float32
     np.testing.assert_allclose(ours, reference, atol=1e-5)
 

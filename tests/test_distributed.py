@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from conftest import ROOT, make_image_folder
-from helpers import checkpoint, prediction
-from helpers.model import build_model
-from helpers.runtime import seed_everything
+from helpers.core.device import seed_everything
+from helpers.model import checkpoint
+from helpers.model.classifier import build_model
+from helpers.serve import prediction
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.skipif(not TORCHRUN.is_file(), reason=f"no torchrun at {TORCHRUN}")
@@ -234,8 +235,8 @@ def test_a_killed_rank_leaves_the_other_one_line_that_resumes(runs):
 
 
 def test_what_counts_as_a_lost_process_and_how_long_collectives_wait(monkeypatch):
-    from helpers.distributed import collective_timeout, lost_peer, relaunch
-    from helpers.runtime import UserError
+    from helpers.core.distributed import collective_timeout, lost_peer, relaunch
+    from helpers.core.errors import UserError
 
     gone = "[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:36545: Connection reset by peer"
     assert lost_peer(RuntimeError(gone)) and lost_peer(torch.distributed.DistBackendError("x"))

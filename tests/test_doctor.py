@@ -16,9 +16,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from helpers.cli import main
-from helpers.fixes import (
+from helpers.core.errors import FixesError
+from helpers.data.fixes import (
     Fixes,
-    FixesError,
     apply_fixes,
     apply_fixes_to_sets,
     fixes_from_decisions,
@@ -121,7 +121,7 @@ def mislabelled(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict:
     picture("a", np.random.default_rng(3)).save(root / "tulips" / "wrong.jpg", quality=92)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLOWERS_CACHE", str(cache))
-        from helpers.doctor import examine
+        from helpers.insight.doctor import examine
 
         report = examine(root, log=None)
     return {"root": root, "report": report}
@@ -214,16 +214,16 @@ def test_fixes_applied_by_the_doctor_extract_nothing_again(planted, cache, tmp_p
 
 
 def test_training_finds_the_doctors_activations_in_the_cache(planted, cache, monkeypatch):
-    from helpers.backbones import get_backbone
-    from helpers.cache import ActivationCache
     from helpers.config import TrainConfig
-    from helpers.model import build_model
-    from helpers.splits import load_data
+    from helpers.data.splits import load_data
+    from helpers.model.backbones import get_backbone
+    from helpers.model.classifier import build_model
+    from helpers.train.cache import ActivationCache
 
     monkeypatch.setenv("FLOWERS_CACHE", str(cache))
     config = TrainConfig()
     with pytest.warns(UserWarning):
-        sets = load_data(planted["root"], get_backbone(config.arch)).sets
+        sets = load_data(planted["root"], get_backbone(config.arch).preprocess).sets
     model = build_model(config.arch, sets["train"].class_to_idx)
     found = ActivationCache(model.spec, model.backbone, tail_stages=config.tail_stages,
                             device=__import__("torch").device("cpu"), log=None)
@@ -299,7 +299,7 @@ def test_apply_fixes_refuses_an_unknown_path_or_class_in_one_line(samples):
 
 
 def test_apply_fixes_to_sets_checks_paths_across_all_splits(samples):
-    from helpers.data import PhotoFolder
+    from helpers.data.folders import PhotoFolder
 
     root, _, _ = samples
     sets = {s: PhotoFolder(root / s) for s in ("train", "valid")}
@@ -336,8 +336,8 @@ def test_train_applies_a_fixes_file_and_its_resume_hint_keeps_it(tmp_path, capsy
     """`train.py --fixes FILE`: photos left out and relabelled in memory, the folder untouched,
     and the command that resumes the run carries the same fixes (they decide the data)."""
     from conftest import make_image_folder
-    from helpers import recipes
-    from helpers.runtime import Stopped
+    from helpers.core.errors import Stopped
+    from helpers.train import recipes
 
     data = make_image_folder(tmp_path / "data", ["a", "b", "c"], per_class=4)
     before = sorted((p.relative_to(data).as_posix(), p.stat().st_mtime_ns)

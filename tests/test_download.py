@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from helpers import download
-from helpers.data import DataError
+from helpers.data import download
+from helpers.data.folders import DataError
 
 CLASSES = 3
 

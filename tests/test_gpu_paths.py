@@ -8,10 +8,14 @@ import os
 
 import torch
 
-from helpers import data, distributed, loop, model, recipes, splits
 from helpers.cli import build_parser
 from helpers.cli.train_commands import typed_options
 from helpers.config import TrainConfig, recipe_for, settle
+from helpers.core import distributed
+from helpers.data import folders as data
+from helpers.data import splits
+from helpers.model import classifier as model
+from helpers.train import loop, recipes
 
 
 def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
@@ -30,7 +34,7 @@ def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
                         lambda self, *a: updates.append(1) or original(self, *a))
     config = TrainConfig.course(arch="test_efficientnet", epochs=2, batch_size=12,
                                 hidden_units=8, fast=True)
-    sets = splits.load_data(tiny_folder, model.get_backbone(config.arch)).sets
+    sets = splits.load_data(tiny_folder, model.get_backbone(config.arch).preprocess).sets
     plan = recipes.course_plan(model.new_model(sets, config), sets, config,
                                torch.device("cpu"))
     history = loop.fit(plan, torch.device("cpu"), log=None)
@@ -39,7 +43,7 @@ def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
 
 
 def test_loaders_keep_a_cuda_gpu_fed_and_leave_the_cpu_path_alone(tiny_folder):
-    sets = splits.load_data(tiny_folder, model.get_backbone("test_efficientnet")).sets
+    sets = splits.load_data(tiny_folder, model.get_backbone("test_efficientnet").preprocess).sets
     gpu = data.make_loaders(sets, batch_size=4, device=torch.device("cuda"))["train"]
     assert gpu.num_workers >= 1 and gpu.persistent_workers and gpu.pin_memory
     assert gpu.prefetch_factor == 4

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, isolated_env
-from helpers import download
+from helpers.data import download
 
 NOTEBOOK = ROOT / "Image_Classifier_Project.ipynb"
 

@@ -17,21 +17,24 @@ from scipy.special import softmax  # noqa: E402
 from torch import nn  # noqa: E402
 
 from conftest import make_image_folder  # noqa: E402
-from helpers import (  # noqa: E402
-    calibration,
-    checkpoint,
-    cli,
-    engine,
-    evaluate,
-    export,
-    gradcam,
-    inference,
-    report,
-    splits,
+from helpers import cli
+from helpers.data import splits
+from helpers.data.preprocess import process_image
+from helpers.insight import gradcam, report
+from helpers.insight import report_plots as insight_plots  # noqa: E402
+from helpers.insight.metrics import (
+    cluster_order,
+    confused_pairs,
+    confusion_matrix,
+    highest_loss,
+    worst_classes,
 )
-from helpers import report_plots as insight_plots  # noqa: E402
-from helpers.model import Classifier, build_model  # noqa: E402
-from helpers.prediction import Prediction, predict, process_for  # noqa: E402
+from helpers.model import checkpoint
+from helpers.model.classifier import Classifier, build_model  # noqa: E402
+from helpers.serve import export, inference
+from helpers.serve.answers import answer
+from helpers.serve.prediction import Prediction, predict  # noqa: E402
+from helpers.train import calibration, evaluate
 
 CLASSES = ["1", "10", "2", "3"]
 
@@ -69,7 +72,7 @@ def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
     assert evaluate.expected_calibration_error(probs, labels) < 0.015
     assert evaluate.expected_calibration_error(torch.as_tensor(probs),
                                                torch.as_tensor(labels)) < 0.015
-    sharp = engine.softmax(np.log(probs), temperature=0.25)
+    sharp = answer(np.log(probs), temperature=0.25).probs
     assert evaluate.expected_calibration_error(sharp, labels) > 0.1
     bins = evaluate.reliability(probs, labels)
     assert len(bins["edges"]) == 16 and bins["count"].sum() == 20000
@@ -96,29 +99,29 @@ def _confusion() -> np.ndarray:
 
 
 def test_cluster_order_puts_confused_classes_side_by_side():
-    order = list(evaluate.cluster_order(_confusion()))
+    order = list(cluster_order(_confusion()))
     assert sorted(order) == list(range(8))
     for a, b in [(0, 5), (1, 3), (2, 7)]:
         assert abs(order.index(a) - order.index(b)) == 1, order
-    assert list(evaluate.cluster_order(np.diag([3, 3, 3]))) == [0, 1, 2]
+    assert list(cluster_order(np.diag([3, 3, 3]))) == [0, 1, 2]
 
 
 def test_confused_pairs_and_per_class_scores():
     names = [f"c{i}" for i in range(8)]
-    pairs = evaluate.confused_pairs(_confusion(), names, n=4)
+    pairs = confused_pairs(_confusion(), names, n=4)
     assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [
         (0, 5, 6), (5, 0, 6), (1, 3, 5), (2, 7, 4)]
     assert pairs[2]["true_name"] == "c1" and pairs[2]["predicted_name"] == "c3"
-    both = evaluate.confused_pairs(_confusion(), names, n=10, symmetric=True)
+    both = confused_pairs(_confusion(), names, n=10, symmetric=True)
     assert [(p["true"], p["predicted"], p["count"]) for p in both] == [
         (0, 5, 12), (1, 3, 8), (2, 7, 4)]
     probs = np.eye(3)[[0, 0, 1, 2, 2, 2]] * 0.7 + 0.1
     labels = np.array([0, 1, 1, 2, 2, 0])
-    matrix = evaluate.confusion_matrix(probs, labels)
+    matrix = confusion_matrix(probs, labels)
     assert matrix.tolist() == [[1, 0, 1], [1, 1, 0], [0, 0, 2]]
-    worst = evaluate.worst_classes(probs, labels, ["a", "b", "c"], n=2)
+    worst = worst_classes(probs, labels, ["a", "b", "c"], n=2)
     assert [(w["name"], w["accuracy"], w["n"]) for w in worst] == [("a", 0.5, 2), ("b", 0.5, 2)]
-    loss = evaluate.highest_loss(probs, labels, n=2)
+    loss = highest_loss(probs, labels, n=2)
     assert {r["index"] for r in loss} == {1, 5}
     assert loss[0]["probability"] == pytest.approx(0.8) and loss[0]["loss"] > 2
 
@@ -136,7 +139,7 @@ def test_unsure_threshold_rule():
     assert rule(probs, labels, 0.8) == 0.5  # 5 of 6 right
     assert rule(probs[right], labels[right], 0.99) == 0.0
     assert rule(probs[~right], labels[~right], 0.5) == 1.0
-    summary = evaluate.unsure_summary(probs, labels, 0.8)
+    summary = evaluate.unsure_summary(answer(np.log(probs), unsure_below=0.8), labels)
     assert summary["unsure_rate"] == pytest.approx(3 / 7) and summary["top1_sure"] == 1.0
     assert summary["top1_unsure"] == pytest.approx(1 / 3)
     prediction = Prediction([0.6, 0.3], ["1", "2"], ["a", "b"])
@@ -147,7 +150,7 @@ def test_unsure_threshold_rule():
 
 def test_predict_and_checkpoint_carry_temperature_and_threshold(clf, folder, tmp_path):
     image = folder / "test" / "2" / "img_0.jpg"
-    x = torch.from_numpy(process_for(clf, image))[None]
+    x = torch.from_numpy(process_image(image, spec=clf.preprocess))[None]
     with torch.no_grad():
         logits = clf(x)[0]
     clf.temperature, clf.unsure_below = 2.5, 0.4
@@ -179,7 +182,7 @@ def test_onnx_probabilities_match_predict_with_a_temperature(clf, folder, tmp_pa
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     assert float(meta["temperature"]) == 1.7 and float(meta["unsure_below"]) == 0.9
-    got = session.run(None, {"images": np.stack([process_for(clf, p) for p in images])})[0]
+    got = session.run(None, {"images": np.stack([process_image(p, spec=clf.preprocess) for p in images])})[0]
     for row, pred in zip(got, expected, strict=True):
         order = np.argsort(row)[::-1]
         assert [clf.idx_to_class[i] for i in order] == pred.classes
@@ -253,7 +256,7 @@ def test_grad_cam_on_an_efficientnet(clf, folder):
 
 def test_calibration_fits_on_valid_and_the_report_judges_test(clf, tmp_path):
     folder = make_image_folder(tmp_path / "flowers", CLASSES, 8)  # 32: enough to calibrate
-    sets = splits.load_data(folder, clf.spec).sets
+    sets = splits.load_data(folder, clf.preprocess).sets
     logits, labels, bad = inference.logits_of(clf, sets["valid"].samples)
     assert logits.shape == (32, 4) and not bad
     try:
@@ -277,7 +280,7 @@ def test_calibration_fits_on_valid_and_the_report_judges_test(clf, tmp_path):
 
 
 def test_plots_return_figures():
-    fig = insight_plots.plot_confusion(_confusion(), evaluate.cluster_order(_confusion()),
+    fig = insight_plots.plot_confusion(_confusion(), cluster_order(_confusion()),
                                        [f"c{i}" for i in range(8)], annotate=3)
     assert isinstance(fig, Figure) and sorted(t.get_text() for t in fig.axes[0].texts) == \
         ["1", "2", "3"]  # numbered rings; the names are listed beside the matrix
@@ -286,7 +289,7 @@ def test_plots_return_figures():
     assert listed[2] == "3. c1 taken for c3, 5 images"
     rng = np.random.default_rng(0)
     probs, labels = _calibrated_toy(500, 4, rng)
-    sharp = engine.softmax(np.log(probs), temperature=0.5)
+    sharp = answer(np.log(probs), temperature=0.5).probs
     fig = insight_plots.plot_reliability(evaluate.reliability(sharp, labels),
                                          evaluate.reliability(probs, labels))
     assert len(fig.axes) == 2 and all(len(ax.patches) == 15 for ax in fig.axes)

@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from conftest import make_image_folder
-from helpers import backbones, checkpoint, cli, evaluate, model, recipes, splits
+from helpers import cli
 from helpers.config import TUNED, TrainConfig
+from helpers.data import splits
+from helpers.model import backbones, checkpoint
+from helpers.model import classifier as model
+from helpers.train import evaluate, recipes
 
 
 @pytest.mark.slow
@@ -61,7 +65,7 @@ def test_ten_real_flower_classes_beat_80_percent(real_data, tmp_path):
     folder = _subset(real_data, tmp_path / "ten", classes)
     config = TrainConfig(recipe="course", epochs=2, batch_size=32, learning_rate=2e-3,
                          hidden_units=512)
-    found = splits.load_data(folder, backbones.get_backbone(config.arch), test_fraction=0)
+    found = splits.load_data(folder, backbones.get_backbone(config.arch).preprocess, test_fraction=0)
     clf = model.new_model(found.sets, config, names=found.names)
     recipes.run_recipe(clf, found.sets, config, torch.device("cpu"), log=None)
     result = evaluate.evaluate_model(clf, found.sets["valid"].samples)

@@ -14,10 +14,12 @@ import pytest
 from PIL import Image
 
 from conftest import make_image_folder, synthetic_image
-from helpers import data, download, images, splits
-from helpers.backbones import get_backbone
+from helpers.core.errors import ImageError
+from helpers.data import download, images, splits
+from helpers.data import folders as data
+from helpers.model.backbones import get_backbone
 
-LITE0 = get_backbone("efficientnet_lite0")
+LITE0 = get_backbone("efficientnet_lite0").preprocess
 CLASSES = ["daisy", "rose", "tulip"]
 
 
@@ -203,7 +205,7 @@ def test_jfif_jpe_and_heic_are_images(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as if it were not installed
     images._heif_opener.cache_clear()
     try:
-        with pytest.raises(images.ImageError, match="pip install pillow-heif"):
+        with pytest.raises(ImageError, match="pip install pillow-heif"):
             images.open_image(heic)
     finally:
         images._heif_opener.cache_clear()

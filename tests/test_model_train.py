@@ -8,8 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import data, evaluate, loop, model, recipes, runtime, splits
 from helpers.config import TrainConfig
+from helpers.core import device as runtime
+from helpers.core.errors import Stopped
+from helpers.data import folders as data
+from helpers.data import splits
+from helpers.model import classifier as model
+from helpers.train import evaluate, loop, recipes
 
 CLASSES = {str(i): i for i in range(12)}
 
@@ -82,7 +87,7 @@ def _course(folder, **changes):
     """The course recipe's plan for a tiny model on a folder: (config, sets, model, plan)."""
     config = TrainConfig.course(**({"arch": TINY, "epochs": 1, "batch_size": 12,
                                     "hidden_units": 32} | changes))
-    sets = splits.load_data(folder, model.get_backbone(config.arch)).sets
+    sets = splits.load_data(folder, model.get_backbone(config.arch).preprocess).sets
     clf = model.new_model(sets, config)
     return config, sets, clf, recipes.course_plan(clf, sets, config, torch.device("cpu"))
 
@@ -137,7 +142,7 @@ def test_stop_flag_ends_at_a_batch_boundary_and_saves(tiny_folder, tmp_path):
         return out
 
     phase.optimizer.step = step_then_signal
-    with pytest.raises(runtime.Stopped, match="after 1 batches of train 1/2"):
+    with pytest.raises(Stopped, match="after 1 batches of train 1/2"):
         loop.fit(plan, torch.device("cpu"), log=None, state_path=tmp_path / "last.pth",
                   stop=stop)
     state = torch.load(tmp_path / "last.pth", weights_only=True)

@@ -11,8 +11,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from helpers import images, model, plots  # noqa: E402
-from helpers.prediction import Prediction, imshow, predict, process_image  # noqa: E402
+from helpers.core.errors import ImageError
+from helpers.data import images
+from helpers.insight import plots  # noqa: E402
+from helpers.model import classifier as model
+from helpers.serve.prediction import Prediction, imshow, predict, process_image  # noqa: E402
 
 FOLDERS = sorted(str(i) for i in range(1, 13))
 
@@ -52,9 +55,9 @@ def test_exif_rotation_is_applied(tmp_path):
 
 def test_bad_files_name_the_file(tmp_path):
     (tmp_path / "text.jpg").write_text("not an image")
-    with pytest.raises(images.ImageError, match=r"text\.jpg: not an image"):
+    with pytest.raises(ImageError, match=r"text\.jpg: not an image"):
         images.open_image(tmp_path / "text.jpg")
-    with pytest.raises(images.ImageError, match="no such image file"):
+    with pytest.raises(ImageError, match="no such image file"):
         images.open_image(tmp_path / "absent.jpg")
 
 

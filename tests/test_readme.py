@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import ROOT, isolated_env, make_image_folder
-from helpers import inference, model
+from helpers.model import classifier as model
+from helpers.serve import inference
 
 README = ROOT / "README.md"
 DATA = "../shared/data/flowers"

@@ -10,22 +10,18 @@ import os
 import pytest
 import torch
 
-from helpers import (
-    backbones,
-    cache,
-    data,
-    evaluate,
-    model,
-    recipes,
-    runtime,
-    splits,
-    storage,
-    trunk,
-)
-from helpers import batches as batches_mod
 from helpers.config import TUNED, TrainConfig, for_data
+from helpers.core import device as runtime
+from helpers.core import files as storage
+from helpers.data import folders as data
+from helpers.data import splits
+from helpers.data.transforms import eval_transform
+from helpers.model import backbones
+from helpers.model import classifier as model
+from helpers.train import batches as batches_mod
+from helpers.train import cache, evaluate, recipes, trunk
 
-LITE0 = backbones.get_backbone("efficientnet_lite0")
+LITE0 = backbones.get_backbone("efficientnet_lite0").preprocess
 TINY = backbones.get_backbone("test_efficientnet")
 features = cache  # the activation cache module
 
@@ -59,7 +55,7 @@ def test_seeded_views_repeat_and_differ_by_seed(tiny_folder):
     b = features.SeededView(ds, features.view_transform(LITE0, "aug1"), seed=2)
     assert torch.equal(a[5][0], a[5][0]) and not torch.equal(a[5][0], b[5][0])
     centre = features.SeededView(ds, features.view_transform(LITE0, "flip"), seed=0)[0][0]
-    plain = data.eval_transform(LITE0)(ds.loader(ds.samples[0][0]))
+    plain = eval_transform(LITE0)(ds.loader(ds.samples[0][0]))
     assert torch.allclose(centre, plain.flip(2))
 
 
@@ -129,7 +125,7 @@ def extractions(monkeypatch) -> list[int]:
 def test_activation_cache_hits_and_rebuilds_when_a_file_changes(backbone, tiny_folder,
                                                                 extractions):
     calls = extractions
-    ds = data.image_folder(tiny_folder / "valid", data.eval_transform(LITE0))
+    ds = data.image_folder(tiny_folder / "valid", eval_transform(LITE0))
     acts = features.ActivationCache(TINY, backbone, tail_stages=1, device=torch.device("cpu"),
                                     engine="torch")
     first = acts.get(ds, "centre")
@@ -210,7 +206,7 @@ def test_truncated_onnx_trunk_is_rebuilt_and_cleared(backbone):
 def _setup(folder, **changes):
     config = TrainConfig(**({"arch": "test_efficientnet", "batch_size": 12, "epochs": 2,
                              "probe_epochs": 3, "views": 1} | changes))
-    sets = splits.load_data(folder, TINY).sets
+    sets = splits.load_data(folder, TINY.preprocess).sets
     return config, sets, model.new_model(sets, config)
 
 
@@ -240,7 +236,7 @@ def test_cached_validation_agrees_with_the_whole_model(tiny_folder):
     plan, acts = recipes.cached_plan(clf, sets, config, torch.device("cpu"))
     cached = plan.validate()
     loader = data.make_loaders({"valid": sets["valid"]}, batch_size=12, num_workers=0)["valid"]
-    from helpers import loop
+    from helpers.train import loop
 
     whole = evaluate.topk_accuracy(*loop.predict_probs(clf, loader, torch.device("cpu"),
                                                          mixed_precision=False))

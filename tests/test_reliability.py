@@ -20,10 +20,15 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import ROOT, isolated_env, make_image_folder
-from helpers import backbones, checkpoint, cli, data, images, runtime, splits
-from helpers.prediction import process_image
+from helpers import cli
+from helpers.core import device as runtime
+from helpers.core.errors import CheckpointError, ImageError, Stopped
+from helpers.data import folders as data
+from helpers.data import images, splits
+from helpers.model import backbones, checkpoint
+from helpers.serve.prediction import process_image
 
-LITE0 = backbones.get_backbone("efficientnet_lite0")
+LITE0 = backbones.get_backbone("efficientnet_lite0").preprocess
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr"]
 
 
@@ -42,7 +47,7 @@ def _jpeg_bytes(size=(40, 30)) -> bytes:
 def test_bad_image_files_are_one_line_errors_naming_the_file(content, message, tmp_path):
     path = tmp_path / "bad.jpg"
     path.write_bytes(content)
-    with pytest.raises(images.ImageError, match=message) as info:
+    with pytest.raises(ImageError, match=message) as info:
         images.open_image(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     assert images.check_image(path) is not None
@@ -51,7 +56,7 @@ def test_bad_image_files_are_one_line_errors_naming_the_file(content, message, t
 def test_decompression_bomb_guard_is_kept(tmp_path, monkeypatch):
     Image.new("L", (300, 300)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200 * 200)
-    with pytest.raises(images.ImageError, match="too large"):
+    with pytest.raises(ImageError, match="too large"):
         images.open_image(tmp_path / "big.png")
 
 
@@ -126,7 +131,7 @@ def _wait_for_epoch(path, epoch, process, timeout=300):
                 state = checkpoint.read_resume(path)
                 if state["epoch"] + state["phase"] * 1000 >= epoch:
                     return
-            except checkpoint.CheckpointError:
+            except CheckpointError:
                 pass  # being replaced this instant
         time.sleep(0.05)
     raise AssertionError("training ended before it could be interrupted")
@@ -318,10 +323,10 @@ FILL_THE_DISK = """
 import sys, torch
 from helpers import runtime
 target = sys.argv[1] + "/state.pth"
-runtime.atomic_save({"weights": torch.zeros(10)}, target)
+atomic_save({"weights": torch.zeros(10)}, target)
 try:
-    runtime.atomic_save({"weights": torch.ones(2_000_000)}, target)  # 8 MB on a 4 MB disk
-except runtime.DiskFullError as err:
+    atomic_save({"weights": torch.ones(2_000_000)}, target)  # 8 MB on a 4 MB disk
+except DiskFullError as err:
     print("refused:", err)
 print(torch.load(target, weights_only=True)["weights"].shape)
 """
@@ -374,7 +379,7 @@ def test_a_second_stop_request_aborts_at_once():
     stop = runtime.StopFlag()
     stop.request(signal.SIGTERM)
     assert stop.requested and stop.signal_name == "SIGTERM"
-    with pytest.raises(runtime.Stopped, match="stopped by SIGTERM during extraction"):
+    with pytest.raises(Stopped, match="stopped by SIGTERM during extraction"):
         stop.check("extraction")
     with pytest.raises(KeyboardInterrupt):
         stop.request(signal.SIGINT)
@@ -382,7 +387,8 @@ def test_a_second_stop_request_aborts_at_once():
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "not an image"])
 def test_the_standalone_onnx_script_fails_in_one_line(case, tmp_path):
-    from helpers import export, model
+    from helpers.model import classifier as model
+    from helpers.serve import export
 
     torch.manual_seed(0)
     onnx_path = export.export_onnx(model.build_model("test_efficientnet", {"a": 0, "b": 1},

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 from test_doctor import make_folder, picture, tree_digest
 
-from helpers import review, splits
-from helpers.backbones import get_backbone
+from helpers.data import splits
+from helpers.insight import review
+from helpers.model.backbones import get_backbone
 
 widgets = pytest.importorskip("ipywidgets")
 NAMES = {"a": "roses", "b": "tulips", "c": "irises"}
@@ -36,7 +37,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
         (root / "train" / "a" / "img_0.jpg").read_bytes()[:300])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLOWERS_CACHE", str(tmp_path_factory.mktemp("review-cache")))
-        from helpers.doctor import examine
+        from helpers.insight.doctor import examine
 
         with pytest.warns(UserWarning):  # the unreadable file and the leak, as training warns
             report = examine(root, log=None)
@@ -95,8 +96,8 @@ def test_saved_decisions_make_a_fixes_file_that_loading_applies(planted, tmp_pat
 
     spec = get_backbone("efficientnet_lite0")
     with pytest.warns(UserWarning):  # the unreadable file, left out by loading
-        found = splits.load_data(root, spec)
-        fixed = review.apply_saved(found, spec=spec, path=fixes_path)
+        found = splits.load_data(root, spec.preprocess)
+        fixed = review.apply_saved(found, spec=spec.preprocess, path=fixes_path)
     assert capsys.readouterr().out.strip() == (
         f"fixes from {fixes_path}: 1 photo(s) left out, 1 relabelled")
     samples = {Path(p).relative_to(root).as_posix(): y
@@ -128,7 +129,7 @@ def test_nothing_to_review_and_no_fixes_file(planted, tmp_path, capsys):
     summary = review.summary(report)
     assert "suspected label errors: 0" in summary and "strangers and unusable files: 0" in summary
     found = splits.DataSplits(root=planted["root"], sets={}, class_to_idx={}, names=[])
-    assert review.apply_saved(found, spec=get_backbone("efficientnet_lite0"),
+    assert review.apply_saved(found, spec=get_backbone("efficientnet_lite0").preprocess,
                               path=tmp_path / "f.json") is found
     assert capsys.readouterr().out.strip() == f"no fixes file at {tmp_path / 'f.json'} yet: " \
                                               "the data as loaded"

@@ -7,7 +7,10 @@ import signal
 
 import pytest
 
-from helpers import distributed, runtime
+from helpers.core import device as runtime
+from helpers.core import distributed
+from helpers.core.errors import DiskFullError
+from helpers.core.files import atomic_write, atomic_write_bytes
 
 
 def test_progress_in_logs_is_a_few_lines_with_rate_and_time_left(capsys):
@@ -26,18 +29,18 @@ def test_progress_is_quiet_for_short_phases(capsys):
 
 def test_atomic_write_turns_enospc_into_one_line_and_leaves_nothing(tmp_path):
     target = tmp_path / "out" / "file.bin"
-    runtime.atomic_write_bytes(b"old", target)
+    atomic_write_bytes(b"old", target)
 
     def fill(f):
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(runtime.DiskFullError, match=f"no space left on the device holding "
+    with pytest.raises(DiskFullError, match=f"no space left on the device holding "
                                                      f"{target.parent}"):
-        runtime.atomic_write(target, fill)
+        atomic_write(target, fill)
     assert target.read_bytes() == b"old" and [p.name for p in target.parent.iterdir()] == [
         "file.bin"]
-    assert isinstance(runtime.DiskFullError("x"), OSError)  # callers catching OSError still do
+    assert isinstance(DiskFullError("x"), OSError)  # callers catching OSError still do
 
 
 def test_other_write_failures_keep_their_own_error(tmp_path):
@@ -45,7 +48,7 @@ def test_other_write_failures_keep_their_own_error(tmp_path):
         raise ValueError("a bug, not the user's")
 
     with pytest.raises(ValueError, match="a bug"):
-        runtime.atomic_write(tmp_path / "x.bin", broken)
+        atomic_write(tmp_path / "x.bin", broken)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -15,12 +15,17 @@ import pytest
 import torch
 
 from conftest import ROOT, make_image_folder
-from helpers import calibration, cli, inference, model, storage
-from helpers import run as run_module
+from helpers import cli
 from helpers.cli import train_commands as training
-from helpers.engine import engine_path, open_engine, read_header
-from helpers.export import save_with_metadata
-from helpers.runtime import Stopped, file_sha256
+from helpers.core import files as storage
+from helpers.core.errors import Stopped
+from helpers.core.files import file_sha256
+from helpers.model import classifier as model
+from helpers.serve import inference
+from helpers.serve.engine import engine_path, open_engine, read_header
+from helpers.serve.export import save_with_metadata
+from helpers.train import calibration
+from helpers.train import run as run_module
 
 
 def _model(classes: list[str], seed: int) -> model.Classifier:
@@ -89,7 +94,7 @@ def test_a_foreign_engine_with_the_hash_copied_in_is_not_trusted(folder, tmp_pat
 def test_one_run_per_save_folder(folder, tmp_path, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom helpers.storage import folder_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom helpers.core.files import folder_lock\n"
          f"with folder_lock({str(out)!r}, option='--save_dir'):\n"
          "    print('held', flush=True); time.sleep(60)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -167,7 +172,7 @@ def test_read_only_places_are_one_line_and_prediction_still_answers(folder, tmp_
 @pytest.mark.slow
 def test_a_stopped_final_model_says_how_to_train_it_again(folder, tmp_path, monkeypatch,
                                                           capsys):
-    from helpers import recipes
+    from helpers.train import recipes
 
     real = recipes.run_recipe
     runs = []

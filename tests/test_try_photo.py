@@ -12,8 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_image
-from helpers import data, images, model, try_photo
-from helpers.prediction import process_image
+from helpers.data import folders as data
+from helpers.data import images
+from helpers.insight import try_photo
+from helpers.model import classifier as model
+from helpers.serve.prediction import process_image
 
 pytest.importorskip("ipywidgets")
 
@@ -38,10 +41,7 @@ def _file(name: str, content: bytes) -> dict:
 def _by_hand(clf: model.Classifier, image: Image.Image) -> tuple[list[str], np.ndarray]:
     """The top-5 names and probabilities from the PyTorch model itself (not the engine that
     predict uses): softmax(logits / temperature) of process_image."""
-    x = torch.from_numpy(process_image(image, size=clf.spec.input_size,
-                                       resize=clf.spec.resize_size,
-                                       mean=clf.spec.mean, std=clf.spec.std,
-                                       interpolation=clf.spec.interpolation))[None]
+    x = torch.from_numpy(process_image(image, spec=clf.preprocess))[None]
     with torch.no_grad():
         probs = (clf(x) / clf.temperature).softmax(1)[0].numpy()
     order = np.argsort(-probs)[:5]

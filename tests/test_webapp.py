@@ -18,8 +18,12 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, make_image_folder
-from helpers import checkpoint, cli, export, model, webapp
-from helpers.prediction import process_image
+from helpers import cli
+from helpers.core.errors import AppError
+from helpers.data.preprocess import Preprocess, process_image
+from helpers.model import checkpoint
+from helpers.model import classifier as model
+from helpers.serve import export, webapp
 
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
@@ -65,9 +69,7 @@ def test_js_preprocessing_is_process_image_exactly(size, interpolation, tmp_path
     pixels[: h // 2] = np.linspace(0, 255, w, dtype=np.float32)[None, :, None].astype(np.uint8)
     meta = {"input_size": 224, "resize_size": 256, "interpolation": interpolation,
             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    expected = process_image(Image.fromarray(pixels), size=224, resize=256,
-                             mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-                             interpolation=interpolation)
+    expected = process_image(Image.fromarray(pixels), spec=Preprocess.from_metadata(meta))
     # The browser hands over RGBA (getImageData): the alpha channel must be ignored.
     rgba = np.concatenate([pixels, rng.integers(0, 256, (h, w, 1), dtype=np.uint8)], axis=2)
     for array in (pixels, rgba):
@@ -120,7 +122,7 @@ def test_serve_sends_isolation_headers_and_mime_types(tmp_path):
 
 
 def test_serve_refuses_a_folder_without_the_app(tmp_path):
-    with pytest.raises(webapp.AppError, match=str(tmp_path)):
+    with pytest.raises(AppError, match=str(tmp_path)):
         webapp.make_server(tmp_path, port=0)
 
 
@@ -144,20 +146,20 @@ def test_int8_calibrates_on_the_photos_at_hand_or_says_what_to_give(tiny_ckpt, t
     assert webapp.calibration_folder(recorded, None) == (
         folder / "train", f"int8, calibrated on the training folder {folder / 'train'}")
     assert webapp.calibration_folder({}, folder / "valid")[0] == folder / "valid"
-    with pytest.raises(webapp.AppError, match="does not record its training folder"):
+    with pytest.raises(AppError, match="does not record its training folder"):
         webapp.calibration_folder({"config": {}, "metrics": {}}, None)
-    with pytest.raises(webapp.AppError, match=f"training folder .*{tmp_path}.* is gone"):
+    with pytest.raises(AppError, match=f"training folder .*{tmp_path}.* is gone"):
         webapp.calibration_folder({"metrics": {"data_dir": str(tmp_path)}}, None)
-    with pytest.raises(webapp.AppError, match="no such folder"):
+    with pytest.raises(AppError, match="no such folder"):
         webapp.calibration_folder({}, tmp_path / "missing")
 
 
 def test_precision_is_explicit(tiny_ckpt, tmp_path):
     """fp32 unless asked for int8; calibration photos alone do not switch it."""
     ckpt, folder = tiny_ckpt
-    with pytest.raises(webapp.AppError, match="--calibration applies to the int8 model only"):
+    with pytest.raises(AppError, match="--calibration applies to the int8 model only"):
         webapp.build_app(ckpt, out=tmp_path / "app", calibration=folder / "train")
-    with pytest.raises(webapp.AppError, match="choose one of fp32, int8"):
+    with pytest.raises(AppError, match="choose one of fp32, int8"):
         webapp.build_app(ckpt, out=tmp_path / "app", precision="fp16")
     assert cli.main(["app", str(ckpt), "--out", str(tmp_path / "app"), "--calibration",
                      str(folder / "train")]) == 1

@@ -15,7 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..runtime import FULL_DISK, Interrupted, Stopped, UserError
+from helpers.core.errors import Interrupted, Stopped, UserError
+from helpers.core.files import FULL_DISK
 
 # The OS errors a user causes: a missing file, no permission, a full disk or quota.
 USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -24,7 +25,7 @@ READ_ONLY = (errno.EROFS,)
 
 def build_parser(prog: str = "python -m helpers") -> argparse.ArgumentParser:
     """The argument parser of `python -m helpers`, its commands from the command modules."""
-    from . import answer_commands, artefact_commands, doctor_command, train_commands
+    from helpers.cli import answer_commands, artefact_commands, doctor_command, train_commands
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,7 +53,7 @@ def _one_line(err: BaseException) -> str:
 
 def _where_instead(filename: str) -> str:
     """What to do about a place that cannot be written: the cache has its own variable."""
-    from ..storage import cache_dir
+    from helpers.core.files import cache_dir
 
     try:
         in_cache = Path(filename).resolve().is_relative_to(cache_dir().resolve())

@@ -12,9 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from ..engine import Engine, open_engine
-from ..images import ImageError, is_image_file
-from ..runtime import UserError, file_sha256
+from helpers.core.errors import ImageError, UserError
+from helpers.core.files import file_sha256
+from helpers.data.images import is_image_file
+from helpers.serve.engine import Engine, open_engine
 
 
 def load_engine(checkpoint: str, *, gpu: bool = False) -> Engine:
@@ -24,8 +25,8 @@ def load_engine(checkpoint: str, *, gpu: bool = False) -> Engine:
         raise UserError(f"{path}: no such checkpoint file; check the path")
     engine = open_engine(path)
     if engine is None:
-        from ..checkpoint import load_checkpoint
-        from ..inference import write_engine
+        from helpers.model.checkpoint import load_checkpoint
+        from helpers.serve.inference import write_engine
 
         digest = file_sha256(path)
         model, _ = load_checkpoint(path)  # a damaged checkpoint fails here, in one line
@@ -53,13 +54,12 @@ def _result(path: Path, logits, engine: Engine, top_k: int) -> dict:
     """One image's JSON result: its top-K, whether unsure, or the error that stopped it."""
     if isinstance(logits, ImageError):
         return {"image": str(path), "error": str(logits)}
-    from ..engine import softmax
-
-    r = engine.top(softmax(logits[None], temperature=engine.temperature)[0], topk=top_k)
+    answers = engine.answer(logits[None], topk=top_k)
+    r = engine.prediction(answers)
     return {"image": str(path), "predictions": [
         {"name": n, "class": c, "probability": round(p, 6)}
         for p, c, n in zip(r.probs, r.classes, r.names, strict=True)],
-        "unsure": r.is_unsure(engine.unsure_below)}
+        "unsure": bool(answers.unsure[0])}
 
 
 def _print_text(item: dict, engine: Engine, *, many: bool) -> None:
@@ -81,12 +81,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
     many = target.is_dir()
     paths = list_images(target) if many else [target]
     if not many:
-        from ..images import open_image
+        from helpers.data.images import open_image
 
         open_image(target)  # a bad photo fails in one line before the model is loaded
     engine = load_engine(args.checkpoint, gpu=args.gpu)
     if args.category_names:
-        from ..names import class_names, load_category_names
+        from helpers.data.names import class_names, load_category_names
 
         mapping = {c: i for i, c in enumerate(engine.class_ids)}
         engine.class_names = class_names(mapping, load_category_names(args.category_names))
@@ -112,8 +112,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Top-1 and top-5 accuracy of a checkpoint over a folder of class folders."""
-    from ..data import image_folder
-    from ..evaluate import evaluate_model
+    from helpers.data.folders import image_folder
+    from helpers.train.evaluate import evaluate_model
 
     engine = load_engine(args.checkpoint, gpu=args.gpu)
     dataset = image_folder(args.folder)

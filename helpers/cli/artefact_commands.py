@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..runtime import UserError
+from helpers.core.errors import UserError
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Write the model as ONNX (fp32, or int8 with --int8), .ort, or TorchScript / torch.export."""
-    from .. import checkpoint, export
+    from helpers.model import checkpoint
+    from helpers.serve import export
 
     if args.int8 and args.format == "torchscript":
         raise UserError("--int8 applies to --format onnx or ort only")
@@ -41,7 +42,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_app(args: argparse.Namespace) -> None:
     """Build the offline phone app (web page + model) into --out; --serve serves it on loopback."""
-    from .. import webapp
+    from helpers.serve import webapp
 
     # The port is taken before the build: a bad or busy one fails in a second, not after it.
     server = (webapp.make_server(args.out, port=args.serve, built=False)
@@ -72,8 +73,8 @@ def port_number(text: str) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> None:
     """Show the size of the caches (activations, ONNX trunks, engines), or clear them."""
-    from ..cache import cache_size, clear_cache
-    from ..storage import cache_dir
+    from helpers.core.files import cache_dir
+    from helpers.train.cache import cache_size, clear_cache
 
     if args.clear:
         print(f"cleared {clear_cache() / 1e6:.0f} MB from {cache_dir()}")

@@ -8,7 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..runtime import UserError, atomic_write_bytes
+from helpers.core.errors import UserError
+from helpers.core.files import atomic_write_bytes
 
 HINTS = {
     "across-splits": "the same photo in training and held out inflates the held-out accuracy: "
@@ -71,9 +72,9 @@ def render(report: dict[str, Any], *, top: int = 5) -> str:
 
 def cmd_doctor(args: argparse.Namespace) -> None:
     """Check a data folder for duplicates, leaks, label errors, strangers and imbalance."""
-    from .. import doctor
-    from ..fixes import read_fixes
-    from ..storage import check_writable
+    from helpers.core.files import check_writable
+    from helpers.data.fixes import read_fixes
+    from helpers.insight import doctor
 
     data = Path(args.data).expanduser()
     if not data.is_dir():

@@ -11,15 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..backbones import BACKBONES
-from ..config import TUNED, TrainConfig
-from ..distributed import Distributed, relaunch
-from ..runtime import UserError, atomic_write_bytes
+from helpers.config import TUNED, TrainConfig
+from helpers.core.distributed import Distributed, relaunch
+from helpers.core.errors import UserError
+from helpers.core.files import atomic_write_bytes
+from helpers.model.backbones import BACKBONES
 
 if TYPE_CHECKING:
     import torch
 
-    from ..run import Result
+    from helpers.train.run import Result
 
 DEFAULTS = TrainConfig()
 COURSE = TrainConfig.course()
@@ -121,7 +122,7 @@ def device_for(gpu: bool) -> torch.device:
     """The GPU when --gpu (an error if there is none), else the CPU."""
     import torch
 
-    from ..runtime import get_device
+    from helpers.core.device import get_device
 
     if not gpu:
         return torch.device("cpu")
@@ -151,7 +152,7 @@ def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, devic
 
     `again` is the command line that resumes this run (shown when it is interrupted).
     """
-    from ..run import run
+    from helpers.train.run import run
 
     check_resume_options(args)
     again += "".join(f" --{name} {getattr(args, name)}" for name, default in (
@@ -204,9 +205,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """Train on the flowers data, report valid/test accuracy, save, reload, predict, chart."""
-    from .. import download, plots, prediction
-    from ..images import open_image
-    from ..runtime import get_device
+    from helpers.core.device import get_device
+    from helpers.data import download
+    from helpers.data.images import open_image
+    from helpers.insight import plots
+    from helpers.serve import prediction
 
     if Distributed.from_environment().world_size > 1:
         raise UserError("pipeline runs on one process; under torchrun run train.py DATA_DIR")
