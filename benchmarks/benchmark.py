@@ -43,13 +43,13 @@ from helpers.train import run  # noqa: E402
 
 def run_one(recipe: str, seed: int, data_root: Path, quick: bool, *, final: bool = False,
             save: Path | None = None) -> dict:
-    """Train one recipe from raw images as train.py does (helpers.train.run.run: the same settling,
-    training, figures and saving); return its history, phases, accuracy and memory."""
+    """Train one recipe from raw images as train.py does (run.set_up and run.run: the same
+    settling, training, figures and saving); return its history, phases, accuracy and memory."""
     typed = {"seed": seed} | ({"recipe": "course"} if recipe == "course" else {})
     if quick:
         typed |= {"epochs": 1} if recipe == "course" else {"epochs": 2, "probe_epochs": 5}
-    done = run.run(data_root, typed=typed, device=torch.device("cpu"), out=save, final=final,
-                   log=None)
+    setup = run.set_up(data_root, typed=typed, device_type="cpu")
+    done = run.run(setup, device=torch.device("cpu"), out=save, final=final, log=None)
     phases = dict(done.timings)
     chosen = storage.runtime_choice()  # the trunk runtime the cached recipe measured
     trunk = json.loads(chosen.read_text())["runtime"] if chosen.is_file() else "torch"

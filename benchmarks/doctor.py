@@ -11,7 +11,7 @@ and how long it takes.
    random (through a fixes file's relabel, the data folder untouched), the doctor run again
    (its activations now cached); recall is the share of planted photos among the top 2 % of
    suspects (as many suspects as planted photos). Goal: >= 80 %.
-3. With --train, three trainings by the default recipe (helpers.train.run.run, as train.py): on
+3. With --train, three trainings by the default recipe (run.set_up and run.run, as train.py): on
    the data as it is (test top-1 on the whole test split, and without the test photos
    that have a copy or near-copy in train or valid), on the planted data, and on the
    planted data less the doctor's top suspects (as many as planted), through fixes files.
@@ -128,7 +128,7 @@ def trainings(root: Path, *, report: dict, relabel: dict[str, str], top: list[st
             if fixes is not None:
                 path = atomic_write_bytes(json.dumps(fixes).encode(), Path(tmp) / "fixes.json")
             tic = time.perf_counter()
-            done = run.run(root, fixes=path, log=None)
+            done = run.run(run.set_up(root, fixes=path), log=None)
             row = {"name": name, "valid": done.figures["valid"]["top1"],
                    "test": done.figures["test"]["top1"], "seconds": time.perf_counter() - tic}
             if fixes is None:

@@ -37,7 +37,7 @@ from helpers.data import folders as data  # noqa: E402
 from helpers.data.transforms import eval_transform, train_transform  # noqa: E402
 from helpers.model import backbones  # noqa: E402
 from helpers.model import classifier as model  # noqa: E402
-from helpers.train import cache, recipes, trunk  # noqa: E402
+from helpers.train import cache, cached_recipe, trunk  # noqa: E402
 
 OUT = ROOT / "build" / "levers"
 TABLE = [  # the variants of the README's table, seed 0 unless given
@@ -139,7 +139,7 @@ def train(batches: str = "one", epochs: int = 12, views: int = 3, seed: int = 0,
     spec = backbones.get_backbone("efficientnet_lite0")
     _, tail = cache.split_backbone(spec.build(True), 1)
     head = model.build_head(spec.num_features, 102, hidden_units=0, dropout=0.2)
-    net = recipes.CachedModel(tail, head, freeze_bn=frozen_bn).to(
+    net = cached_recipe.CachedModel(tail, head, freeze_bn=frozen_bn).to(
         memory_format=torch.channels_last)
     dtype = runtime.autocast_dtype(torch.device("cpu"))
 

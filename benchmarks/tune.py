@@ -44,7 +44,8 @@ def main(argv: list[str]) -> None:
             shutil.rmtree(partial, ignore_errors=True)
             draw(root, partial, seed=0).rename(few)
         root = few
-    done = run.run(root, typed=changes, device=device, log=None)  # as train.py runs
+    setup = run.set_up(root, typed=changes, device_type=device.type)  # as train.py runs
+    done = run.run(setup, device=device, log=None)
     config, result = done.config, done.figures
     print(json.dumps({"changes": changes, "views": config.views, "epochs": config.epochs,
                       "valid": [round(r["valid_top1"], 4) for r in done.history],

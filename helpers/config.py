@@ -22,7 +22,7 @@ class TrainConfig:
     backbone_lr: float = 1e-3  # of the fine-tuned backbone layers
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
-    epochs: int = 12
+    epochs: int = 12  # passes over the training images (each once, in one of its views)
     batch_size: int = 128
     tail_stages: int = 1  # cached recipe: backbone stages fine-tuned on cached activations
     views: int = 2  # cached recipe: augmented views per training image, besides the centre
@@ -99,6 +99,15 @@ def settle(typed: Mapping[str, Any], *, device_type: str,
     benchmarks: the recipe ('auto' resolved for the device) with its own defaults, then the
     views and epochs that follow the data (once its images a class are known), and every
     option the user typed, which always wins. Impossible values are refused in one line."""
+    config = _recipe_config(typed, device_type=device_type)
+    if images_per_class is None:
+        return config
+    return for_data(config, images_per_class=images_per_class, device_type=device_type,
+                    keep=typed)
+
+
+def _recipe_config(typed: Mapping[str, Any], *, device_type: str) -> TrainConfig:
+    """The recipe's defaults with the typed settings over them, checked."""
     unknown = sorted(set(typed) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise UserError(f"unknown setting(s) {', '.join(unknown)}; the settings are the fields "
@@ -107,10 +116,20 @@ def settle(typed: Mapping[str, Any], *, device_type: str,
     base = {"course": TrainConfig.course, "full": TrainConfig.full}.get(recipe, TrainConfig)
     config = base(**(dict(typed) | {"recipe": recipe}))
     check(config)
-    if images_per_class is None:
-        return config
-    return for_data(config, images_per_class=images_per_class, device_type=device_type,
-                    keep=typed)
+    return config
+
+
+def check_typed(typed: Mapping[str, Any], *, device_type: str) -> None:
+    """Refuse unknown or impossible typed settings before any work starts."""
+    _recipe_config(typed, device_type=device_type)
+
+
+def followed_data(config: TrainConfig, *, typed: Collection[str]) -> dict[str, Any]:
+    """The settings of a settled config that the data chose (the cached recipe's views and
+    epochs), those typed left out."""
+    if config.recipe != "cached":
+        return {}
+    return {k: getattr(config, k) for k in ("views", "epochs") if k not in typed}
 
 
 def check(config: TrainConfig) -> None:

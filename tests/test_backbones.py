@@ -49,10 +49,12 @@ def test_every_backbone_builds_and_outputs_its_feature_size(name):
     spec = backbones.get_backbone(name)
     torch.manual_seed(0)
     with torch.no_grad():
-        out = spec.build(False).eval()(torch.randn(1, 3, spec.preprocess.input_size, spec.preprocess.input_size))
+        size = spec.preprocess.input_size
+        out = spec.build(False).eval()(torch.randn(1, 3, size, size))
     assert out.shape == (1, spec.num_features)
     assert spec.preprocess.resize_size == int(spec.preprocess.input_size / 0.875)
-    assert spec.preprocess.interpolation in ("bicubic", "bilinear") and len(spec.preprocess.mean) == 3
+    assert spec.preprocess.interpolation in ("bicubic", "bilinear")
+    assert len(spec.preprocess.mean) == 3
 
 
 def test_unknown_architecture_lists_the_choices():

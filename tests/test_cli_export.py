@@ -381,7 +381,8 @@ def test_the_engine_gives_the_same_logits_in_either_runtime_and_follows_the_choi
     from helpers.serve.engine import Engine, chosen_runtime, engine_path
 
     by_ort = Engine(engine_path(ckpt), runtime="onnxruntime")
-    x = np.stack([process_image(p, spec=by_ort.preprocess) for p in sorted((folder / "test").rglob("*.jpg"))])
+    photos = sorted((folder / "test").rglob("*.jpg"))
+    x = np.stack([process_image(p, spec=by_ort.preprocess) for p in photos])
     by_ov = Engine(engine_path(ckpt), runtime="openvino")
     assert np.allclose(by_ov.logits(x), by_ort.logits(x), atol=1e-4, rtol=1e-4)
     assert by_ov.class_ids == by_ort.class_ids == ["1", "10", "2"]

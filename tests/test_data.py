@@ -75,7 +75,8 @@ def test_numpy_process_image_matches_torchvision_eval_transform(size, arch):
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     ours = process_image(image, spec=spec.preprocess)
     reference = eval_transform(spec.preprocess)(image).numpy()
-    assert ours.shape == reference.shape == (3, spec.preprocess.input_size, spec.preprocess.input_size)
+    size = spec.preprocess.input_size
+    assert ours.shape == reference.shape == (3, size, size)
     assert ours.dtype == np.float32
     np.testing.assert_allclose(ours, reference, atol=1e-5)
 

@@ -16,6 +16,7 @@ from helpers.data import folders as data
 from helpers.data import splits
 from helpers.model import classifier as model
 from helpers.train import loop, recipes
+from helpers.train import plan as plan_module
 
 
 def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
@@ -26,7 +27,7 @@ def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
     def cpu_fp16(device, *, enabled=True):
         return torch.autocast("cpu", dtype=torch.float16) if enabled else contextlib.nullcontext()
 
-    monkeypatch.setattr(loop, "autocast_dtype", fp16)
+    monkeypatch.setattr(plan_module, "autocast_dtype", fp16)
     monkeypatch.setattr(loop, "autocast", cpu_fp16)
     updates = []
     original = torch.amp.GradScaler.update

@@ -182,7 +182,8 @@ def test_onnx_probabilities_match_predict_with_a_temperature(clf, folder, tmp_pa
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     assert float(meta["temperature"]) == 1.7 and float(meta["unsure_below"]) == 0.9
-    got = session.run(None, {"images": np.stack([process_image(p, spec=clf.preprocess) for p in images])})[0]
+    x = np.stack([process_image(p, spec=clf.preprocess) for p in images])
+    got = session.run(None, {"images": x})[0]
     for row, pred in zip(got, expected, strict=True):
         order = np.argsort(row)[::-1]
         assert [clf.idx_to_class[i] for i in order] == pred.classes

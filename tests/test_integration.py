@@ -65,7 +65,8 @@ def test_ten_real_flower_classes_beat_80_percent(real_data, tmp_path):
     folder = _subset(real_data, tmp_path / "ten", classes)
     config = TrainConfig(recipe="course", epochs=2, batch_size=32, learning_rate=2e-3,
                          hidden_units=512)
-    found = splits.load_data(folder, backbones.get_backbone(config.arch).preprocess, test_fraction=0)
+    spec = backbones.get_backbone(config.arch).preprocess
+    found = splits.load_data(folder, spec, test_fraction=0)
     clf = model.new_model(found.sets, config, names=found.names)
     recipes.run_recipe(clf, found.sets, config, torch.device("cpu"), log=None)
     result = evaluate.evaluate_model(clf, found.sets["valid"].samples)

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from helpers.config import TUNED, TrainConfig, for_data
+from helpers.config import TUNED, TrainConfig, for_data, recipe_for
 from helpers.core import device as runtime
 from helpers.core import files as storage
 from helpers.data import folders as data
@@ -19,7 +19,7 @@ from helpers.data.transforms import eval_transform
 from helpers.model import backbones
 from helpers.model import classifier as model
 from helpers.train import batches as batches_mod
-from helpers.train import cache, evaluate, recipes, trunk
+from helpers.train import cache, cached_recipe, evaluate, recipes, trunk
 
 LITE0 = backbones.get_backbone("efficientnet_lite0").preprocess
 TINY = backbones.get_backbone("test_efficientnet")
@@ -233,7 +233,7 @@ def test_cached_recipe_probes_fine_tunes_and_calibrates(tiny_folder):
 
 def test_cached_validation_agrees_with_the_whole_model(tiny_folder):
     config, sets, clf = _setup(tiny_folder, recipe="cached")
-    plan, acts = recipes.cached_plan(clf, sets, config, torch.device("cpu"))
+    plan, acts = cached_recipe.cached_plan(clf, sets, config, torch.device("cpu"))
     cached = plan.validate()
     loader = data.make_loaders({"valid": sets["valid"]}, batch_size=12, num_workers=0)["valid"]
     from helpers.train import loop
@@ -264,8 +264,8 @@ def test_course_recipe_and_auto_choice(tiny_folder):
     assert len(trained.history) == 1
     assert sum(p.numel() for p in clf.parameters() if p.requires_grad) < 30_000
     auto = TrainConfig()
-    assert recipes.resolve_recipe(auto, torch.device("cpu")) == "cached"
-    assert recipes.resolve_recipe(auto, torch.device("cuda")) == "full"
+    assert recipe_for(auto.recipe, "cpu") == "cached"
+    assert recipe_for(auto.recipe, "cuda") == "full"
     with pytest.raises(ValueError, match="unknown recipe"):
         recipes.run_recipe(clf, sets, TrainConfig(recipe="magic"), torch.device("cpu"))
 

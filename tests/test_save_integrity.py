@@ -95,7 +95,7 @@ def test_one_run_per_save_folder(folder, tmp_path, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom helpers.core.files import folder_lock\n"
-         f"with folder_lock({str(out)!r}, option='--save_dir'):\n"
+         f"with folder_lock({str(out)!r}):\n"
          "    print('held', flush=True); time.sleep(60)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -111,7 +111,7 @@ def test_one_run_per_save_folder(folder, tmp_path, capsys):
         holder.wait()
     # the killed holder's lock file is left behind; the kernel released its lock: taken over
     assert (out / ".lock").read_text().split()[0] == str(holder.pid)
-    with storage.folder_lock(out, option="--save_dir") as lock:
+    with storage.folder_lock(out) as lock:
         assert lock.read_text().split()[0] == str(os.getpid())
     assert not (out / ".lock").exists()  # released on the way out
 
@@ -190,7 +190,8 @@ def test_a_stopped_final_model_says_how_to_train_it_again(folder, tmp_path, monk
     assert cli.main(["train", *args, "--final"]) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     again = f"--save_dir {out} --resume {out / 'last.pth'} --final"
-    assert "the first run is saved; train the final model again with: python train.py" in err
+    assert f"the first run is saved in {out / 'last.pth'}; train the final model again with: " \
+        "python train.py" in err
     assert err.endswith(again) and "nothing to resume" not in err
     monkeypatch.setattr(recipes, "run_recipe", real)
     assert cli.main(["train", str(folder), *again.split()]) == 0
@@ -214,8 +215,16 @@ def test_calibration_needs_enough_held_out_images():
 def test_the_lock_is_taken_before_the_data_is_read(folder, tmp_path, monkeypatch):
     """The lock is the first thing a run takes after its options: a refused run reads no data."""
     seen = []
+    real_set_up = run_module.set_up
+
+    def set_up(*args, **kwargs):
+        seen.append(("set_up", (tmp_path / "out" / ".lock").exists()))
+        return real_set_up(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "set_up", set_up)
     monkeypatch.setattr(run_module, "_run", lambda *a, **k: seen.append(
-        (tmp_path / "out" / ".lock").exists()))
+        ("train", (tmp_path / "out" / ".lock").exists())))
     monkeypatch.setattr(training, "print_figures", lambda done: None)
     assert cli.main(["train", str(folder), "--save_dir", str(tmp_path / "out")]) == 0
-    assert seen == [True] and not (tmp_path / "out" / ".lock").exists()
+    assert seen == [("set_up", True), ("train", True)]
+    assert not (tmp_path / "out" / ".lock").exists()

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from helpers.core.errors import UserError
+from helpers.core.errors import FolderError, UserError
 from helpers.core.files import atomic_write_bytes
 
 HINTS = {
@@ -84,7 +84,10 @@ def cmd_doctor(args: argparse.Namespace) -> None:
     if out is not None:
         if out.is_dir():
             raise UserError(f"--json {out}: a folder; give a file name, like doctor.json")
-        check_writable(out.parent, "--json")
+        try:
+            check_writable(out.parent)
+        except FolderError as err:
+            raise UserError(f"{err} (--json)") from None
     report = doctor.examine(data, names_file=args.names, fixes=fixes,
                             valid_fraction=args.valid_fraction,
                             test_fraction=args.test_fraction)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from helpers.config import TUNED, TrainConfig
 from helpers.core.distributed import Distributed, relaunch
-from helpers.core.errors import UserError
+from helpers.core.errors import FolderError, Interrupted, RunStopped, UserError
 from helpers.core.files import atomic_write_bytes
 from helpers.model.backbones import BACKBONES
 
@@ -53,8 +53,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     option("dropout", type=float,
            help=f"dropout before the head's last layer, in [0, 1) (default {DEFAULTS.dropout})")
     option("epochs", type=int,
-           help=f"epochs over all views of the training images, after a linear probe "
-                f"(default {DEFAULTS.epochs}; more with few images a class: see --views)")
+           help=f"epochs of training, each a pass over every training image once (in the "
+                f"cached recipe in one of its views, after a linear probe of "
+                f"{DEFAULTS.probe_epochs} passes of the head alone) (default {DEFAULTS.epochs}; "
+                "more with few images a class: see --views)")
     option("views", type=int,
            help=f"augmented views of each training image in the cached recipe, besides the "
                 f"centre (default: {TUNED[1][1]} views and {TUNED[1][2]} epochs with "
@@ -147,25 +149,47 @@ def distributed(gpu: bool) -> Iterator[tuple[Distributed, torch.device]]:
 
 
 def train_command(args: argparse.Namespace, *, data_root: Path, out: Path, device: torch.device,
-                  again: str, dist: Distributed | None = None) -> Result | None:
-    """run.run with the options typed, its figures printed; None on ranks other than 0.
+                  again: str, flag: str, dist: Distributed | None = None) -> Result | None:
+    """run.set_up and run.run with the options typed, its figures printed; None on ranks
+    other than 0.
 
-    `again` is the command line that resumes this run (shown when it is interrupted).
+    `again` is the command line that starts this run again and `flag` the option naming
+    `out`: a stopped run says how to resume it, a refused folder which option chooses another.
     """
-    from helpers.train.run import run
+    from helpers.train.run import hold, run, set_up
 
     check_resume_options(args)
-    again += "".join(f" --{name} {getattr(args, name)}" for name, default in (
-        ("fixes", None), ("names", None), ("valid_fraction", 0.2), ("test_fraction", 0.2))
-        if getattr(args, name) != default)  # what decides the data: a resume needs it again
-    done = run(data_root, typed=typed_options(args), device=device, out=out,
-               resume=getattr(args, "resume", None), final=args.final, names_file=args.names,
-               fixes=args.fixes,
-               valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
-               again=again, option="--save_dir" if "train" in again else "--out", dist=dist)
+    try:
+        with hold(out, dist=dist) as folder:  # first: a refused run reads no photo
+            setup = set_up(data_root, typed=typed_options(args), device_type=device.type,
+                           resume=getattr(args, "resume", None), names_file=args.names,
+                           fixes=args.fixes, valid_fraction=args.valid_fraction,
+                           test_fraction=args.test_fraction)
+            done = run(setup, device=device, out=folder, final=args.final, dist=dist)
+    except FolderError as err:
+        raise UserError(f"{err} ({flag})") from None
+    except RunStopped as err:
+        raise Interrupted(_how_to_resume(err, again=again + _data_options(args))) from None
     if done is not None:
         print_figures(done)
     return done
+
+
+def _data_options(args: argparse.Namespace) -> str:
+    """The options that decide the data: a resumed run needs them again."""
+    return "".join(f" --{name} {getattr(args, name)}" for name, default in (
+        ("fixes", None), ("names", None), ("valid_fraction", 0.2), ("test_fraction", 0.2))
+        if getattr(args, name) != default)
+
+
+def _how_to_resume(err: RunStopped, *, again: str) -> str:
+    """A stopped run's line, ending with the command that resumes it."""
+    if err.state is None:
+        return str(err)
+    if err.final:
+        return (f"{err}; train the final model again with: {again} --resume {err.state} "
+                "--final")
+    return f"{err}; resume with: {again} --resume {err.state}"
 
 
 def print_figures(done: Result) -> None:
@@ -198,7 +222,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     """
     with distributed(args.gpu) as (dist, device):
         train_command(args, data_root=Path(args.data_dir), out=Path(args.save_dir),
-                      device=device, dist=dist,
+                      device=device, dist=dist, flag="--save_dir",
                       again=relaunch(f"python train.py {args.data_dir} "
                                      f"--save_dir {args.save_dir}"))
 
@@ -216,7 +240,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     device = device_for(True) if args.gpu else get_device()
     root = download.ensure_data(args.data_dir, source=args.source)
     out = Path(args.out)
-    done = train_command(args, data_root=root, out=out, device=device,
+    done = train_command(args, data_root=root, out=out, device=device, flag="--out",
                          again=f"python -m helpers pipeline --data_dir {root} --out {out}")
     plots.save_figure(plots.plot_history(done.history), out / "history.png")
     sets = done.data.sets

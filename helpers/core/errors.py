@@ -5,6 +5,7 @@ still shows its traceback. Torch-free: the command lines and the engine import i
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -21,6 +22,20 @@ class Stopped(Exception):
 
 class Interrupted(UserError):
     """A run stopped by Ctrl-C or SIGTERM after saving; the message says how to resume it."""
+
+
+class RunStopped(Interrupted):
+    """A training run stopped by a signal; `state` is its resumable state (None: nothing to
+    resume), `final` True when it was the final model that stopped (the first run is done)."""
+
+    def __init__(self, message: str, *, state: Path | None = None, final: bool = False) -> None:
+        super().__init__(message)
+        self.state, self.final = state, final
+
+
+class FolderError(UserError):
+    """An output folder cannot be written, or another run is saving into it; the command line
+    names the option that chooses another."""
 
 
 class DiskFullError(UserError, OSError):

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # imported where used: the command lines and the engine start
 import fcntl
 import socket
 
-from helpers.core.errors import DiskFullError, UserError
+from helpers.core.errors import DiskFullError, FolderError, UserError
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
@@ -123,9 +123,8 @@ def runtime_choice() -> Path:
     return cache_dir() / "trunk_runtime.json"
 
 
-def check_writable(folder: str | os.PathLike, option: str) -> None:
-    """Refuse an output folder that cannot be written, before any work starts; `option` is
-    what the user changes to choose another (--save_dir, --out)."""
+def check_writable(folder: str | os.PathLike) -> None:
+    """Refuse an output folder that cannot be written, before any work starts."""
     folder = Path(folder)
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -134,8 +133,8 @@ def check_writable(folder: str | os.PathLike, option: str) -> None:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as err:
-        raise UserError(f"{folder}: cannot write there ({probe}: {err.strerror or err}); "
-                        f"choose another {option}") from None
+        raise FolderError(f"{folder}: cannot write there ({probe}: {err.strerror or err}); "
+                          "choose another folder") from None
 
 
 def _sidecar(path: Path) -> Path:
@@ -164,7 +163,7 @@ def is_intact(path: str | os.PathLike) -> bool:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, *, option: str) -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
     """Hold FOLDER/.lock for the block: one run saves into a folder at a time.
 
     A second run fails at once in one line naming the first one's pid. The kernel releases the
@@ -182,8 +181,8 @@ def folder_lock(folder: str | os.PathLike, *, option: str) -> Iterator[Path]:
             holder = os.read(fd, 200).decode(errors="replace").split()
             os.close(fd)
             pid = f" (pid {holder[0]})" if holder else ""
-            raise UserError(f"{folder}: another run{pid} is saving into this folder; wait for "
-                            f"it to finish or choose another {option}") from None
+            raise FolderError(f"{folder}: another run{pid} is saving into this folder; wait "
+                              "for it to finish or choose another folder") from None
         try:  # the file may have been removed by a holder that just finished: lock the new one
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break

@@ -91,4 +91,5 @@ def overlay(image: Image.Image | np.ndarray, cam: np.ndarray, alpha: float = 0.4
 def explain(model: Classifier, image: str | os.PathLike | Image.Image,
             class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(the centre crop the model sees, its Grad-CAM): ready for overlay or plot_gradcam."""
-    return view_for(model, image), grad_cam(model, process_image(image, spec=model.preprocess), class_index)
+    x = process_image(image, spec=model.preprocess)
+    return view_for(model, image), grad_cam(model, x, class_index)

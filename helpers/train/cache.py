@@ -115,8 +115,9 @@ class ActivationCache:
         self.trunk, self.tail = split_backbone(backbone, tail_stages)
         self._digest = weights_digest(self.trunk).hexdigest()
         if engine == "auto":  # on a CPU the fastest runtime here (trunk.py), else PyTorch
-            engine = (trunk_runtime(self.trunk, digest=self._digest, input_size=spec.preprocess.input_size,
-                                    log=log) if device.type == "cpu" else "torch")
+            engine = (trunk_runtime(self.trunk, digest=self._digest,
+                                    input_size=spec.preprocess.input_size, log=log)
+                      if device.type == "cpu" else "torch")
         self.engine = engine
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None  # made when first needed
         self.seconds, self.images = 0.0, 0  # time spent computing activations, and for how many
@@ -131,7 +132,8 @@ class ActivationCache:
         facts = {"version": CACHE_VERSION, "arch": self.spec.name, "tail": self.tail_stages,
                  "engine": self.engine, "weights": self._digest, "view": view,
                  "seed": seed if view.startswith("aug") else None,
-                 "transform": repr(view_transform(self.spec.preprocess, view)), "torch": torch.__version__}
+                 "transform": repr(view_transform(self.spec.preprocess, view)),
+                 "torch": torch.__version__}
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
     def key(self, dataset: datasets.ImageFolder, view: str, seed: int) -> str:
@@ -165,7 +167,8 @@ class ActivationCache:
                 if self.log:
                     self.log(f"extracting the frozen trunk's activations with {self.engine}")
                 self._run = make_runner(self.engine, self.trunk, digest=self._digest,
-                                        input_size=self.spec.preprocess.input_size, device=self.device)
+                                        input_size=self.spec.preprocess.input_size,
+                                        device=self.device)
             data = SeededView(dataset, view_transform(self.spec.preprocess, view), seed)
             acts = extract(self._run, data, desc=f"{view} views of {Path(dataset.root).name}",
                            stop=self.stop)

@@ -16,6 +16,7 @@ from scipy.special import log_softmax
 
 from helpers.model.classifier import Classifier
 from helpers.serve.answers import answer
+from helpers.serve.inference import logits_of
 from helpers.train.evaluate import (
     ArrayLike,
     as_arrays,
@@ -104,10 +105,19 @@ def calibrate(model: Classifier, logits: ArrayLike, labels: ArrayLike, *,
 def judge(logits: ArrayLike, labels: ArrayLike, *, temperature: float) -> dict[str, Any]:
     """How honest the probabilities of a split are before and after a temperature: ECE and
     NLL, and the reliability-diagram data of each (judge on test what was fitted on valid)."""
-    raw, scaled = answer(to_numpy(logits)).probs, answer(to_numpy(logits), temperature=temperature).probs
+    logits = to_numpy(logits)
+    raw, scaled = answer(logits).probs, answer(logits, temperature=temperature).probs
     return {"temperature": temperature,
             "ece_before": expected_calibration_error(raw, labels),
             "ece_after": expected_calibration_error(scaled, labels),
             "nll_before": nll(raw, labels), "nll_after": nll(scaled, labels),
             "reliability_before": reliability(raw, labels),
             "reliability_after": reliability(scaled, labels)}
+
+
+def calibrate_on(model: Classifier, samples: list[tuple[str, int]], *,
+                 target_accuracy: float = 0.99) -> dict[str, Any]:
+    """calibrate on the logits of (path, label) samples (the valid split) through the
+    model's engine, the path every answer takes."""
+    logits, labels, _ = logits_of(model, samples)
+    return calibrate(model, logits, labels, target_accuracy=target_accuracy)

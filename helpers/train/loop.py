@@ -1,4 +1,5 @@
-"""Training: one loop, `fit(plan, device)`, runs every recipe.
+"""Training: one loop, `fit(plan, device)`, runs every recipe, an epoch at a time:
+`train_one_epoch` then `validate` (the notebook shows the same loop unrolled).
 
 A recipe (recipes.py) only builds a `Plan` (plan.py): the module whose weights are kept,
 the phases (what trains on which batches, with which optimizer, schedule and loss) and how
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from helpers.core.device import StopFlag, autocast, autocast_dtype, progress
+from helpers.core.device import StopFlag, autocast, progress
 from helpers.core.distributed import Distributed
 from helpers.core.errors import Stopped
 from helpers.train.plan import Phase, Plan, Position, RunState
@@ -47,63 +48,35 @@ def fit(plan: Plan, device: torch.device, *, log: Callable[[str], None] | None =
     the finished batches are saved and `Stopped` is raised. Returns the history, one row per
     epoch (`phase`, `epoch` counted over the plan, losses and accuracies, `kept`).
     """
-    run = RunState(plan, Path(state_path) if state_path else None, dist or Distributed())
+    run = RunState(plan, state_path=Path(state_path) if state_path else None,
+                   dist=dist or Distributed())
     with run.dist.guard(run.state_path):  # a lost process: PeerLost, a Stopped, not a traceback
-        return _fit(run, device, log=log, resume=resume, stop=stop or StopFlag())
+        plan.model.to(device)
+        if resume is not None:
+            run.restore(resume)
+        for index, phase in enumerate(plan.phases):
+            if index < run.at.phase:
+                continue
+            if log and run.dist.is_main:
+                trainable = sum(p.numel() for p in phase.module.parameters() if p.requires_grad)
+                per = " per process" if run.dist.world_size > 1 else ""
+                log(f"{phase.name}: {trainable:,} parameters train, {phase.epochs} epoch(s) of "
+                    f"{len(phase.batches)} batches{per}")
+            start = run.at.epoch + 1 if index == run.at.phase else 1
+            for epoch in range(start, phase.epochs + 1):
+                trained = train_one_epoch(phase, device, run=run, epoch=epoch, stop=stop)
+                run.record(phase, trained=trained, valid=validate(plan), log=log)
+                run.save()
+            run.at = Position(index + 1, 0, 0)
+        return run.finish()
 
 
-def _fit(run: RunState, device: torch.device, *, log: Callable[[str], None] | None,
-         resume: dict[str, Any] | None, stop: StopFlag) -> list[dict[str, Any]]:
-    """fit's phases and epochs."""
-    plan = run.plan
-    plan.model.to(device)
-    if resume is not None:
-        run.restore(resume)
-    epoch_number = len(run.history)
-    for index, phase in enumerate(plan.phases):
-        if index < run.at.phase:
-            continue
-        if index > run.at.phase:
-            run.at = Position(index, 0, 0)
-        if phase.mixed_precision:
-            phase.module.to(memory_format=torch.channels_last)
-        if log and run.dist.is_main:
-            trainable = sum(p.numel() for p in phase.module.parameters() if p.requires_grad)
-            per = " per process" if run.dist.world_size > 1 else ""
-            log(f"{phase.name}: {trainable:,} parameters train, {phase.epochs} epoch(s) of "
-                f"{len(phase.batches)} batches{per}")
-        module = _runnable(phase, device, run.dist)
-        # fp16 (GPUs without bf16) needs its loss scaled, lest small gradients round to zero
-        fp16 = autocast_dtype(device, enabled=phase.mixed_precision) == torch.float16
-        scaler = torch.amp.GradScaler(device.type) if fp16 else None
-        for epoch in range(run.at.epoch + 1, phase.epochs + 1):
-            epoch_number += 1
-            _reseed(phase.batches, seed=plan.seed * 1000 + 100 * index + epoch,
-                    rank=run.dist.rank)
-            trained = _train_epoch(phase, device, module=module, scaler=scaler, run=run,
-                                   stop=stop, epoch=epoch)
-            run.at = Position(index, epoch, 0)
-            run.record(phase, epoch_number, trained, log)
-            run.save()
-        run.at = Position(index + 1, 0, 0)
-    return run.finish()
-
-
-def _runnable(phase: Phase, device: torch.device, dist: Distributed) -> nn.Module:
-    """What the phase calls on its batches: the module, in DistributedDataParallel under
-    torchrun, compiled when asked. The wrappers share the module's weights and are never
-    saved, so the plan's state dict keeps its plain keys."""
-    module = phase.module
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Built when the phase starts, after a resume loaded the weights; it copies rank 0's
-        # weights to the others, then averages gradients (of trainable parameters) in backward.
-        module = DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None)
-    if phase.compiled:
-        module = torch.compile(module)
-    return module
+def validate(plan: Plan) -> dict[str, float]:
+    """The plan's validation figures now (loss, top1, top5 on the valid split); NaN without
+    a valid split."""
+    nan = float("nan")
+    return plan.validate() if plan.validate is not None else {"loss": nan, "top1": nan,
+                                                              "top5": nan}
 
 
 def _reseed(batches: Iterable, *, seed: int, rank: int = 0) -> None:
@@ -116,13 +89,19 @@ def _reseed(batches: Iterable, *, seed: int, rank: int = 0) -> None:
         sampler.set_epoch(seed)
 
 
-def _train_epoch(phase: Phase, device: torch.device, *, module: nn.Module,
-                 scaler: torch.amp.GradScaler | None, run: RunState, stop: StopFlag,
-                 epoch: int) -> dict[str, float]:
-    """One pass over the phase's batches (skipping those a resumed epoch already did)."""
+def train_one_epoch(phase: Phase, device: torch.device, *, run: RunState, epoch: int = 1,
+                    stop: StopFlag | None = None) -> dict[str, float]:
+    """One pass of the phase's module over its batches, optimizer and schedule stepped after
+    every batch; returns the epoch's mean training loss and top-1. Where `run` stands in this
+    epoch already (a resumed run), the batches done are skipped; a set `stop` flag saves the
+    finished batches and raises Stopped."""
+    index = run.plan.phases.index(phase)
+    skip = run.at.batches if (run.at.phase, run.at.epoch) == (index, epoch - 1) else 0
+    run.at = Position(index, epoch - 1, skip)
+    module, scaler = run.runnable(phase, device)
+    _reseed(phase.batches, seed=run.plan.seed * 1000 + 100 * index + epoch, rank=run.dist.rank)
     module.train()
     total_loss, correct, seen = 0.0, 0, 0
-    skip = run.at.batches
     of = f" {epoch}/{phase.epochs}" if phase.epochs > 1 else ""
     batches = (progress(phase.batches, desc=f"{phase.name}{of}") if run.dist.is_main
                else phase.batches)
@@ -148,10 +127,11 @@ def _train_epoch(phase: Phase, device: torch.device, *, module: nn.Module,
         total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
-        if run.dist.agree(stop.requested):  # between batches: nothing half-done is saved
+        if run.dist.agree(stop is not None and stop.requested):  # nothing half-done is saved
             run.save()
-            raise Stopped(f"stopped by {stop.signal_name or 'another process'} after "
-                          f"{step} batches of {phase.name}{of}")
+            raise Stopped(f"stopped by {stop.signal_name if stop else 'another process'} "
+                          f"after {step} batches of {phase.name}{of}")
+    run.at = Position(index, epoch, 0)
     total_loss, correct, seen = run.dist.total([total_loss, correct, seen])  # every shard's
     return {"loss": total_loss / max(seen, 1), "top1": correct / max(seen, 1)}
 

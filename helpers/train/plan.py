@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from helpers.core.device import autocast_dtype
 from helpers.core.distributed import Distributed
 from helpers.core.files import atomic_save
 
@@ -68,9 +69,11 @@ def _rank(top1: float, loss: float) -> tuple[float, float]:
 class RunState:
     """The state of one fit(): position, history, best epoch, and what to save to resume."""
 
-    def __init__(self, plan: Plan, state_path: Path | None, dist: Distributed) -> None:
-        self.plan, self.state_path, self.dist = plan, state_path, dist
+    def __init__(self, plan: Plan, *, state_path: Path | None = None,
+                 dist: Distributed | None = None) -> None:
+        self.plan, self.state_path, self.dist = plan, state_path, dist or Distributed()
         self.at = Position()
+        self._runnable: dict[int, tuple[nn.Module, Any]] = {}  # per phase: module, scaler
         self.history: list[dict[str, Any]] = []
         self.best_top1, self.best_loss, self.best_state = -1.0, math.inf, None
         self.start = time.perf_counter()
@@ -115,13 +118,26 @@ class RunState:
         np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32),
                              rng["numpy_pos"], 0, 0.0))
 
-    def record(self, phase: Phase, epoch: int, trained: dict[str, float],
-               log: Callable[[str], None] | None) -> None:
-        """Validate, add the history row, log it, keep the best epoch's weights, save."""
-        nan = float("nan")
-        valid = (self.plan.validate() if self.plan.validate is not None
-                 else {"loss": nan, "top1": nan, "top5": nan})
+    def runnable(self, phase: Phase, device: torch.device) -> tuple[nn.Module, Any]:
+        """What the phase's batches go through (its module; under torchrun its
+        DistributedDataParallel, compiled when asked) and its gradient scaler (fp16 only),
+        made when the phase starts and kept for its epochs."""
+        index = self.plan.phases.index(phase)
+        if index not in self._runnable:
+            if phase.mixed_precision:
+                phase.module.to(memory_format=torch.channels_last)
+            # fp16 (GPUs without bf16) needs its loss scaled, lest small gradients round to 0
+            fp16 = autocast_dtype(device, enabled=phase.mixed_precision) == torch.float16
+            self._runnable[index] = (_runnable(phase, device, self.dist),
+                                     torch.amp.GradScaler(device.type) if fp16 else None)
+        return self._runnable[index]
+
+    def record(self, phase: Phase, *, trained: dict[str, float], valid: dict[str, float],
+               log: Callable[[str], None] | None = print) -> dict[str, Any]:
+        """Add an epoch's history row (its training and validation figures), log it, and keep
+        the weights when it is the best epoch so far; returns the row."""
         number = sum(1 for r in self.history if r["phase"] == phase.name) + 1
+        epoch = len(self.history) + 1
         row = {"phase": phase.name, "epoch": epoch, "phase_epoch": number,
                "train_loss": trained["loss"], "train_top1": trained["top1"],
                "valid_loss": valid["loss"], "valid_top1": valid["top1"],
@@ -137,6 +153,7 @@ class RunState:
                                                > _rank(self.best_top1, self.best_loss)):
             self.best_top1, self.best_loss = valid["top1"], valid["loss"]
             self.best_state = copy.deepcopy(self.plan.model.state_dict())
+        return row
 
     def finish(self) -> list[dict[str, Any]]:
         """Restore the best epoch's weights and mark its row kept; returns the history."""
@@ -150,3 +167,34 @@ class RunState:
         for i, row in enumerate(self.history):  # the first of equal bests is the one kept
             row["kept"] = i == best
         return self.history
+
+
+def _runnable(phase: Phase, device: torch.device, dist: Distributed) -> nn.Module:
+    """What the phase calls on its batches: the module, in DistributedDataParallel under
+    torchrun, compiled when asked. The wrappers share the module's weights and are never
+    saved, so the plan's state dict keeps its plain keys."""
+    module = phase.module
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Built when the phase starts, after a resume loaded the weights; it copies rank 0's
+        # weights to the others, then averages gradients (of trainable parameters) in backward.
+        module = DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
+    if phase.compiled:
+        module = torch.compile(module)
+    return module
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One-cycle schedule to each group's learning rate over `steps` batches."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(steps, 1),
+        pct_start=0.15)
+
+
+def adamw(groups: list[tuple[list[nn.Parameter], float]],
+          weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with one parameter group per (parameters, learning rate)."""
+    return torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups if p],
+                             weight_decay=weight_decay)
