@@ -25,6 +25,16 @@ PALETTE = [(220, 40, 40), (40, 180, 40), (40, 40, 220), (220, 220, 40), (220, 40
            (250, 250, 250), (120, 40, 160)]
 
 
+def write_checkpoint(model, path: Path, *, config=None, metrics=None) -> Path:
+    """A checkpoint file alone, without the engine that inference.save_model writes beside it:
+    the tests of the checkpoint format, and of an engine rebuilt when it is missing or stale."""
+    from helpers.core.files import atomic_write_bytes
+    from helpers.model.checkpoint import checkpoint_dict, encode_checkpoint
+
+    ckpt = checkpoint_dict(model, config=config, metrics=metrics)
+    return atomic_write_bytes(encode_checkpoint(ckpt, suffix=Path(path).suffix), path)
+
+
 def synthetic_image(cls: int, rng: np.random.Generator, size: tuple[int, int] = (48, 40)) -> Image:
     """A noisy picture dominated by the colour of class `cls`, with a stripe to give it shape."""
     w, h = size

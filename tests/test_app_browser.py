@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CHROMIUM_ARGS, REAL_DATA, ROOT, chromium
+from conftest import CHROMIUM_ARGS, REAL_DATA, ROOT, chromium, write_checkpoint
 from helpers.data.preprocess import Preprocess, process_image
 from helpers.serve import webapp
 from helpers.serve.answers import answer
@@ -66,7 +66,7 @@ def train_small_checkpoint(data: Path, out: Path, *, classes: int = CLASSES) -> 
 
     from helpers.config import TrainConfig
     from helpers.data import splits
-    from helpers.model import backbones, checkpoint
+    from helpers.model import backbones
     from helpers.model import classifier as model
     from helpers.serve import inference
     from helpers.train import recipes
@@ -89,7 +89,7 @@ def train_small_checkpoint(data: Path, out: Path, *, classes: int = CLASSES) -> 
     # T = 1 and put the unsure threshold at the valid images' median top probability: the
     # test photos then get both answers, sure and unsure.
     clf.temperature, clf.unsure_below = 1.0, float(np.median(probs.max(1)))
-    return checkpoint.save_checkpoint(clf, out / "checkpoint.pth", config=config,
+    return write_checkpoint(clf, out / "checkpoint.pth", config=config,
                                       metrics={"data_dir": str(root)})
 
 

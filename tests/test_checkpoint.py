@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+from conftest import write_checkpoint
 from helpers.config import TrainConfig
 from helpers.core.errors import CheckpointError
 from helpers.model import checkpoint
@@ -28,7 +29,7 @@ def trained() -> model.Classifier:
 
 
 def test_round_trip_gives_identical_logits(trained, tmp_path):
-    path = checkpoint.save_checkpoint(trained, tmp_path / "c.pth",
+    path = write_checkpoint(trained, tmp_path / "c.pth",
                                       config=TrainConfig(hidden_units=32),
                                       metrics={"test": {"top1": 0.5}})
     loaded, ckpt = checkpoint.load_checkpoint(path)
@@ -41,7 +42,7 @@ def test_round_trip_gives_identical_logits(trained, tmp_path):
 
 
 def test_checkpoint_is_a_plain_dict_loadable_with_weights_only(trained, tmp_path):
-    path = checkpoint.save_checkpoint(trained, tmp_path / "c.pth")
+    path = write_checkpoint(trained, tmp_path / "c.pth")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["format_version"] == checkpoint.FORMAT_VERSION
     assert ckpt["arch"] == "efficientnet_lite0" and ckpt["input_size"] == 224
@@ -77,7 +78,7 @@ def test_bad_files_are_clear_errors(trained, tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="missing format_version"):
         checkpoint.load_checkpoint(tmp_path / "other.pth")
-    good = checkpoint.save_checkpoint(trained, tmp_path / "good.pth")
+    good = write_checkpoint(trained, tmp_path / "good.pth")
     data = good.read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
@@ -132,7 +133,7 @@ def test_resume_refuses_a_state_of_another_run(tmp_path):
 
 
 def test_failed_save_keeps_the_previous_file(trained, tmp_path, monkeypatch):
-    path = checkpoint.save_checkpoint(trained, tmp_path / "c.pth")
+    path = write_checkpoint(trained, tmp_path / "c.pth")
     before = path.read_bytes()
 
     def broken_save(obj, f):
@@ -141,13 +142,13 @@ def test_failed_save_keeps_the_previous_file(trained, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.save_checkpoint(trained, path)
+        write_checkpoint(trained, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]  # no temporary file left
 
 
 def test_safetensors_format_round_trip(trained, tmp_path):
-    path = checkpoint.save_checkpoint(trained, tmp_path / "c.safetensors",
+    path = write_checkpoint(trained, tmp_path / "c.safetensors",
                                       config=TrainConfig(hidden_units=32),
                                       metrics={"test": {"top1": 0.5}})
     assert path.read_bytes()[8:9] == b"{"  # a safetensors header, not a pickle

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, write_checkpoint
 from helpers import cli
 from helpers.config import TrainConfig
 from helpers.core.errors import UserError
@@ -170,7 +170,7 @@ def test_a_stale_engine_is_rebuilt_from_the_checkpoint(folder, ckpt, tmp_path, c
     copy = tmp_path / "copy.pth"
     clf, _ = checkpoint.load_checkpoint(ckpt)
     clf.temperature = 2.0
-    checkpoint.save_checkpoint(clf, copy)  # a checkpoint without its engine
+    write_checkpoint(clf, copy)  # a checkpoint without its engine
     assert open_engine(copy) is None
     image = folder / "test" / "2" / "img_0.jpg"
     assert cli.main(["predict", str(image), str(copy), "--json"]) == 0
@@ -178,7 +178,7 @@ def test_a_stale_engine_is_rebuilt_from_the_checkpoint(folder, ckpt, tmp_path, c
     assert "preparing the prediction engine" in done.err
     assert open_engine(copy).temperature == 2.0 and engine_path(copy).is_file()
     clf.temperature = 3.0
-    checkpoint.save_checkpoint(clf, copy)  # other bytes: the engine beside it is stale
+    write_checkpoint(clf, copy)  # other bytes: the engine beside it is stale
     assert open_engine(copy) is None
     engine_path(copy).write_bytes(b"truncated")  # and damaged as well
     assert cli.main(["predict", str(image), str(copy), "--json"]) == 0
@@ -327,7 +327,7 @@ def test_int8_export_names_real_photos_as_the_fp32_export_does(real_data, tmp_pa
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    ckpt = checkpoint.save_checkpoint(clf, tmp_path / "checkpoint.pth")
+    ckpt = write_checkpoint(clf, tmp_path / "checkpoint.pth")
     assert cli.main(["export", str(ckpt), "-o", str(tmp_path / "fp32.onnx")]) == 0
     assert cli.main(["export", str(ckpt), "--int8", "--calibration", str(calibration),
                      "-o", str(tmp_path / "int8.onnx")]) == 0

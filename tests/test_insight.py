@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 from scipy.special import softmax  # noqa: E402
 from torch import nn  # noqa: E402
 
-from conftest import make_image_folder  # noqa: E402
+from conftest import make_image_folder, write_checkpoint  # noqa: E402
 from helpers import cli
 from helpers.data import splits
 from helpers.data.preprocess import process_image
@@ -158,7 +158,7 @@ def test_predict_and_checkpoint_carry_temperature_and_threshold(clf, folder, tmp
         result = predict(image, clf, topk=4)
         np.testing.assert_allclose(result.probs, (logits / 2.5).softmax(0).sort(
             descending=True).values.numpy(), atol=1e-6)
-        path = checkpoint.save_checkpoint(clf, tmp_path / "c.pth")
+        path = write_checkpoint(clf, tmp_path / "c.pth")
     finally:
         clf.temperature, clf.unsure_below = 1.0, 0.0
     loaded, ckpt = checkpoint.load_checkpoint(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_image_folder
+from conftest import make_image_folder, write_checkpoint
 from helpers import cli
 from helpers.config import TUNED, TrainConfig
 from helpers.data import splits
@@ -71,7 +71,7 @@ def test_ten_real_flower_classes_beat_80_percent(real_data, tmp_path):
     recipes.run_recipe(clf, found.sets, config, torch.device("cpu"), log=None)
     result = evaluate.evaluate_model(clf, found.sets["valid"].samples)
     assert result["n"] >= 50 and result["top1"] > 0.80
-    path = checkpoint.save_checkpoint(clf, tmp_path / "ten.pth", config=config)
+    path = write_checkpoint(clf, tmp_path / "ten.pth", config=config)
     reloaded, _ = checkpoint.load_checkpoint(path)
     assert evaluate.evaluate_model(reloaded, found.sets["valid"].samples)["top1"] == result["top1"]
 

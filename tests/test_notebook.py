@@ -22,10 +22,43 @@ def test_notebook_is_committed_without_outputs():
 
 
 def test_code_cells_are_thin():
+    """At most six lines of code a cell (imports aside): each step calls a helper."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
-            assert len(cell.source.strip().splitlines()) <= 6, cell.source
+            lines = [line for line in cell.source.strip().splitlines()
+                     if not line.startswith(("import ", "from "))]
+            assert len(lines) <= 6, cell.source
+
+
+def test_the_notebook_shows_the_course_steps_in_order():
+    """ImageFolder and its transforms, a DataLoader batch, the new head, the parameters that
+    train, the optimizer, an epoch loop of train_one_epoch and validate, then testing,
+    saving, loading, process_image, imshow, predict and the sanity check; the data doctor
+    after them; no module name reused as a variable."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    steps = ["train_transform(", "eval_transform(", "load_data(", "class_to_idx",
+             "make_loaders(", "next(iter(", "new_model(", ".head", "parameter_counts()",
+             "build_plan(", ".optimizer", "train_one_epoch(", "validate(", "run.finish()",
+             "calibrate_on(", "evaluate_model(", "save_model(", "load_checkpoint(",
+             "process_image(", "imshow(", "prediction.predict(", "plot_prediction_grid(",
+             "doctor.examine("]
+    where = [next((i for i, c in enumerate(code) if step in c), None) for step in steps]
+    assert None not in where, [s for s, w in zip(steps, where, strict=True) if w is None]
+    assert where == sorted(where), list(zip(steps, where, strict=True))
+    loop_cell = code[where[steps.index("train_one_epoch(")]]
+    assert "for epoch in range(" in loop_cell and "validate(" in loop_cell
+    modules = set()
+    for source in code:
+        for line in source.splitlines():
+            if line.startswith("from helpers") and " import " in line:
+                imported = line.split(" import ")[1].split(",")
+                modules |= {n.strip().split(" as ")[-1] for n in imported}
+    assigned = {line.split("=")[0].strip() for source in code for line in source.splitlines()
+                if "=" in line.split("(")[0] and not line.startswith((" ", "#"))}
+    names = {n.strip() for a in assigned for n in a.split(",")}
+    assert not modules & names, modules & names
 
 
 def _subset(real_data, dest, classes: int = 6, per_class: int = 6):
@@ -54,6 +87,12 @@ def test_notebook_runs_top_to_bottom_and_draws_the_sanity_check(real_data, tmp_p
     assert (tmp_path / "build" / "notebook" / "checkpoint.pth").is_file()
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "recipe: cached" in printed and "reloaded test top-1" in printed
+    assert "an ImageFolder: True, 6 classes" in printed
+    assert "Compose(" in printed and "torch.Size([32, 3, 224, 224])" in printed
+    assert "fine-tune: train loss" in printed and "valid accuracy" in printed
+    assert "linear probe: train loss" in printed and "kept epoch" in printed
+    shown = "".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    assert "OneCycleLR over" in shown and "AdamW" in shown
     # 6 images a class: the views follow the data, the epochs chosen (NB_EPOCHS) stay
     assert f"6 training images a class: {TUNED[0][1]} augmented views, 1 epochs" in printed
     assert "test ECE" in printed and "unsure below" in printed

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, write_checkpoint
 from helpers import cli
 from helpers.core.errors import AppError
 from helpers.data.preprocess import Preprocess, process_image
@@ -137,7 +137,7 @@ def tiny_ckpt(tmp_path_factory):
                             hidden_units=0, pretrained=False)
     clf.temperature, clf.unsure_below = 1.5, 0.6
     path = tmp_path_factory.mktemp("ck") / "checkpoint.pth"
-    return checkpoint.save_checkpoint(clf, path, metrics={"data_dir": str(folder)}), folder
+    return write_checkpoint(clf, path, metrics={"data_dir": str(folder)}), folder
 
 
 def test_int8_calibrates_on_the_photos_at_hand_or_says_what_to_give(tiny_ckpt, tmp_path):

@@ -64,8 +64,11 @@ class Preprocess:
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
+DEFAULT = Preprocess()  # EfficientNet-Lite0's, the default backbone's
+
+
 def process_image(image: str | os.PathLike | Image.Image, *,
-                  spec: Preprocess = Preprocess()) -> np.ndarray:
+                  spec: Preprocess = DEFAULT) -> np.ndarray:
     """Resize the shorter side, centre-crop, scale to 0..1 and normalise as `spec` says (the
     default: EfficientNet-Lite0's): a 3 x H x W float32 array."""
     size, resize, interpolation = spec.input_size, spec.resize_size, spec.interpolation

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from helpers.core.files import atomic_write
+from helpers.data.preprocess import Preprocess
 from helpers.serve.prediction import Prediction
 
 if TYPE_CHECKING:
@@ -80,8 +81,8 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
         plt.close(fig)
 
 
-def show_images(images: Sequence[np.ndarray], titles: Sequence[str], *, mean: Sequence[float],
-                std: Sequence[float], columns: int = 4) -> Figure:
+def show_images(images: Sequence[np.ndarray], titles: Sequence[str], *, spec: Preprocess,
+                columns: int = 4) -> Figure:
     """A grid of processed (3 x H x W, normalised) images with their titles."""
     from helpers.serve.prediction import imshow
 
@@ -90,7 +91,7 @@ def show_images(images: Sequence[np.ndarray], titles: Sequence[str], *, mean: Se
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):
-        imshow(image, ax, title, mean=tuple(mean), std=tuple(std))
+        imshow(image, ax, title, spec=spec)
     fig.tight_layout()
     return fig
 
@@ -115,10 +116,10 @@ def plot_prediction_grid(items: Sequence[tuple[Image.Image, Prediction, str]],
     return fig
 
 
-def show_samples(dataset: Dataset, names: Sequence[str], *, mean: Sequence[float],
-                 std: Sequence[float], count: int = 8) -> Figure:
+def show_samples(dataset: Dataset, names: Sequence[str], *, spec: Preprocess,
+                 count: int = 8) -> Figure:
     """`count` images spread over a dataset, as its transform makes them, with their names."""
     step = max(1, len(dataset) // count)
     samples = [dataset[i] for i in range(0, len(dataset), step)][:count]
     return show_images([np.asarray(x) for x, _ in samples], [names[y] for _, y in samples],
-                       mean=mean, std=std)
+                       spec=spec)

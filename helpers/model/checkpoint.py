@@ -16,7 +16,6 @@ import torchvision
 
 from helpers import __version__
 from helpers.core.errors import BackboneError, CheckpointError
-from helpers.core.files import atomic_write_bytes
 from helpers.model.classifier import Classifier, build_model
 
 FORMAT_VERSION = 1
@@ -51,17 +50,6 @@ def checkpoint_dict(model: Classifier, *, config: Any = None,
         "versions": {"helpers": __version__, "torch": str(torch.__version__),
                      "torchvision": str(torchvision.__version__), "timm": str(timm.__version__)},
     }
-
-
-def save_checkpoint(model: Classifier, path: str | os.PathLike, *, config: Any = None,
-                    metrics: dict[str, Any] | None = None) -> Path:
-    """Write the model, its labels, preprocessing, config and metrics to `path` atomically.
-
-    A `.safetensors` path stores the weights in the safetensors format (no pickle at all)
-    and everything else as JSON in its metadata.
-    """
-    ckpt = checkpoint_dict(model, config=config, metrics=metrics)
-    return atomic_write_bytes(encode_checkpoint(ckpt, suffix=Path(path).suffix), path)
 
 
 def encode_checkpoint(ckpt: dict[str, Any], *, suffix: str = ".pth") -> bytes:

@@ -54,6 +54,15 @@ class Classifier(nn.Module):
         """How this model's images are prepared (its backbone's spec)."""
         return self.spec.preprocess
 
+    def parameter_counts(self) -> dict[str, int]:
+        """How many parameters the backbone and the head hold, and how many of all train."""
+        def count(module: nn.Module, *, trainable: bool = False) -> int:
+            return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+        return {"backbone": count(self.backbone), "head": count(self.head),
+                "trainable": count(self, trainable=True),
+                "frozen": count(self) - count(self, trainable=True)}
+
     @property
     def backbone_frozen(self) -> bool:
         """True when no backbone parameter is trained."""

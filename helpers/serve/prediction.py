@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from PIL import Image
 
-from helpers.data.preprocess import process_image
+from helpers.data.preprocess import DEFAULT, Preprocess, process_image
 from helpers.model.classifier import Classifier
 from helpers.serve.answers import Prediction
 from helpers.serve.engine import Engine
@@ -25,15 +25,14 @@ def view_for(model: Classifier | Engine, image: str | os.PathLike | Image.Image)
 
 
 def imshow(array: np.ndarray, ax: Axes | None = None, title: str | None = None, *,
-           mean: tuple[float, ...] = (0.5, 0.5, 0.5),
-           std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> Axes:
-    """Show a processed 3 x H x W image: undo the normalisation and draw it on ax."""
+           spec: Preprocess = DEFAULT) -> Axes:
+    """Show a processed 3 x H x W image: undo the spec's normalisation and draw it on ax."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots()
     array = np.asarray(array, dtype=np.float32).transpose(1, 2, 0)
-    array = np.clip(array * np.asarray(std) + np.asarray(mean), 0, 1)
+    array = np.clip(array * np.asarray(spec.std) + np.asarray(spec.mean), 0, 1)
     ax.imshow(array)
     ax.axis("off")
     if title:

@@ -39,6 +39,19 @@ class Phase:
     mixed_precision: bool = True  # autocast and channels_last where the hardware gains
     compiled: bool = False  # torch.compile the module (CUDA: minutes of compiling, then faster)
 
+    def describe(self) -> dict[str, Any]:
+        """What this phase trains and how, in plain values: to print or to log."""
+        scheduler = self.scheduler
+        return {"phase": self.name, "epochs": self.epochs, "batches": len(self.batches),
+                "trains": f"{sum(p.numel() for p in self.module.parameters() if p.requires_grad):,}"
+                          " parameters",
+                "optimizer": type(self.optimizer).__name__,
+                "learning rates": [g.get("max_lr", g["lr"]) for g in self.optimizer.param_groups],
+                "schedule": (f"{type(scheduler).__name__} over "
+                             f"{getattr(scheduler, 'total_steps', '?')} steps")
+                            if scheduler is not None else "constant",
+                "loss": repr(self.loss), "mixed precision": self.mixed_precision}
+
 
 @dataclass
 class Plan:
