@@ -34,9 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers.core import device as runtime  # noqa: E402
-from helpers.core import files as storage  # noqa: E402
-from helpers.data import folders as data  # noqa: E402
+from helpers.core.device import cpu_flags  # noqa: E402
+from helpers.core.files import runtime_choice  # noqa: E402
+from helpers.data.folders import data_dir, image_folder  # noqa: E402
 from helpers.model import checkpoint  # noqa: E402
 from helpers.train import run  # noqa: E402
 
@@ -51,7 +51,7 @@ def run_one(recipe: str, seed: int, data_root: Path, quick: bool, *, final: bool
     setup = run.set_up(data_root, typed=typed, device_type="cpu")
     done = run.run(setup, device=torch.device("cpu"), out=save, final=final, log=None)
     phases = dict(done.timings)
-    chosen = storage.runtime_choice()  # the trunk runtime the cached recipe measured
+    chosen = runtime_choice()  # the trunk runtime the cached recipe measured
     trunk = json.loads(chosen.read_text())["runtime"] if chosen.is_file() else "torch"
     # history seconds count from the start of training, after the extraction
     history = [r | {"seconds": r["seconds"] + phases.get("extract", 0.0)} for r in done.history]
@@ -89,7 +89,7 @@ def run_export(folder: Path, data_root: Path, quick: bool) -> dict:
     paths["onnx int8"] = export.quantize_onnx(
         clf, paths["onnx fp32"], out=folder / "model.int8.onnx",
         calibration=data_root / "train", count=40 if quick else 200)
-    test = data.image_folder(data_root / "test")
+    test = image_folder(data_root / "test")
     x_all = np.stack([process_image(p, spec=clf.preprocess) for p, _ in test.samples])
     labels = np.array(test.targets)
     rows = {}
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    data_root = args.data or data.data_dir()
+    data_root = args.data or data_dir()
     if args.child == "export":
         args.json.write_text(json.dumps(run_export(args.save, data_root, args.quick)))
         return 0
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs)
     ceiling = os.environ.get("ONEDNN_MAX_CPU_ISA")
     report = {"date": date.today().isoformat(), "machine": f"{cpu_name()}, "
-              f"{os.cpu_count()} cores, flags: {runtime.cpu_flags()}"
+              f"{os.cpu_count()} cores, flags: {cpu_flags()}"
               + (f" (run as AVX2: ONEDNN_MAX_CPU_ISA={ceiling})" if ceiling else "")
               + f", torch {torch.__version__}", "quick": args.quick,
               "regime": "quick" if args.quick else args.regime, "final": final,

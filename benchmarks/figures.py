@@ -24,9 +24,9 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers.core import device as runtime  # noqa: E402
-from helpers.data import folders as data  # noqa: E402
+from helpers.core.device import get_device  # noqa: E402
 from helpers.data import splits  # noqa: E402
+from helpers.data.folders import data_dir  # noqa: E402
 from helpers.insight import gradcam, plots, report  # noqa: E402
 from helpers.insight import report_plots as insight_plots  # noqa: E402
 from helpers.model import checkpoint  # noqa: E402
@@ -39,9 +39,9 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "hubble_d
 def main(ckpt_path: str) -> None:
     """Draw every README picture from the checkpoint and print the unsure rates."""
     assets = ROOT / "assets"
-    device = runtime.get_device()
+    device = get_device()
     model, saved = checkpoint.load_checkpoint(ckpt_path, device)
-    sets = splits.load_data(data.data_dir(), model.preprocess).sets
+    sets = splits.load_data(data_dir(), model.preprocess).sets
     history = saved["metrics"]["history"]
     plots.save_figure(plots.plot_history(history), assets / "training_curves.png")
     image_path, label = sets["test"].samples[0]

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers.core import device as runtime  # noqa: E402
-from helpers.data import folders as data  # noqa: E402
+from helpers.core.device import autocast_dtype, cpu_flags  # noqa: E402
+from helpers.data.folders import data_dir, image_folder  # noqa: E402
 from helpers.data.transforms import eval_transform, train_transform  # noqa: E402
 from helpers.model import backbones  # noqa: E402
-from helpers.model import classifier as model  # noqa: E402
+from helpers.model.classifier import build_head, weights_digest  # noqa: E402
 from helpers.train import cache, cached_recipe, trunk  # noqa: E402
 
 OUT = ROOT / "build" / "levers"
@@ -65,7 +65,7 @@ def extract(only: list[str] | None = None) -> None:
 
     spec = backbones.get_backbone("efficientnet_lite0")
     trunk_, _ = cache.split_backbone(spec.build(True).eval(), 1)
-    digest = model.weights_digest(trunk_).hexdigest()
+    digest = weights_digest(trunk_).hexdigest()
     whole = transforms.Compose([  # the whole shorter side, square: 9 x 9 maps at 288 px
         transforms.Resize(288, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(288), transforms.ToTensor(),
@@ -85,7 +85,7 @@ def extract(only: list[str] | None = None) -> None:
     for split, name, transform, size in jobs:
         if (only and f"{split}-{name}" not in only) or (OUT / f"{split}-{name}.pt").exists():
             continue
-        dataset = data.image_folder(data.data_dir() / split)
+        dataset = image_folder(data_dir() / split)
         run = trunk.make_runner("openvino", trunk_, digest=digest, input_size=size,
                                 device=torch.device("cpu"))
         seed = int(name[3:]) if name.startswith("aug") else 0
@@ -138,10 +138,10 @@ def train(batches: str = "one", epochs: int = 12, views: int = 3, seed: int = 0,
     torch.manual_seed(seed)
     spec = backbones.get_backbone("efficientnet_lite0")
     _, tail = cache.split_backbone(spec.build(True), 1)
-    head = model.build_head(spec.num_features, 102, hidden_units=0, dropout=0.2)
+    head = build_head(spec.num_features, 102, hidden_units=0, dropout=0.2)
     net = cached_recipe.CachedModel(tail, head, freeze_bn=frozen_bn).to(
         memory_format=torch.channels_last)
-    dtype = runtime.autocast_dtype(torch.device("cpu"))
+    dtype = autocast_dtype(torch.device("cpu"))
 
     def autocast():
         return torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None)
@@ -226,7 +226,7 @@ def train(batches: str = "one", epochs: int = 12, views: int = 3, seed: int = 0,
 
 def main(argv: list[str]) -> None:
     """extract | train JSON | table."""
-    print(f"CPU flags: {runtime.cpu_flags()}", flush=True)
+    print(f"CPU flags: {cpu_flags()}", flush=True)
     if argv[0] == "extract":
         extract(argv[1:] or None)
     elif argv[0] == "train":

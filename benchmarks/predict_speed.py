@@ -43,11 +43,11 @@ def make_checkpoint(folder: Path) -> Path:
     """A Lite0 classifier for the 102 flowers with its engine (the weights do not matter)."""
     import torch
 
-    from helpers.model import classifier as model
+    from helpers.model.classifier import build_model
     from helpers.serve import inference
 
     torch.manual_seed(0)
-    clf = model.build_model("efficientnet_lite0", {str(i): i - 1 for i in range(1, 103)},
+    clf = build_model("efficientnet_lite0", {str(i): i - 1 for i in range(1, 103)},
                             hidden_units=0)
     return inference.save_model(clf, folder / "checkpoint.pth")
 

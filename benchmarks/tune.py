@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers.config import TrainConfig  # noqa: E402
-from helpers.core import device as runtime  # noqa: E402
-from helpers.data import folders as data
+from helpers.core.device import get_device  # noqa: E402
+from helpers.data.folders import data_dir
 from helpers.train import run
 
 
@@ -33,8 +33,8 @@ def main(argv: list[str]) -> None:
     fewshot = "--fewshot" in argv
     pairs = [a.split("=", 1) for a in argv if a != "--fewshot"]
     changes = {k: casts[types[k]](v) for k, v in pairs}
-    device = runtime.get_device()
-    root = data.data_dir()
+    device = get_device()
+    root = data_dir()
     if fewshot:
         from benchmark import fewshot as draw
 

@@ -67,7 +67,7 @@ def train_small_checkpoint(data: Path, out: Path, *, classes: int = CLASSES) -> 
     from helpers.config import TrainConfig
     from helpers.data import splits
     from helpers.model import backbones
-    from helpers.model import classifier as model
+    from helpers.model.classifier import new_model
     from helpers.serve import inference
     from helpers.train import recipes
 
@@ -81,7 +81,7 @@ def train_small_checkpoint(data: Path, out: Path, *, classes: int = CLASSES) -> 
     config = TrainConfig.course(epochs=2, batch_size=32)
     device = torch.device("cpu")
     found = splits.load_data(root, backbones.get_backbone(config.arch).preprocess)
-    clf = model.new_model(found.sets, config, names=found.names)
+    clf = new_model(found.sets, config, names=found.names)
     recipes.run_recipe(clf, found.sets, config, device, log=None)
     logits, _, _ = inference.logits_of(clf, found.sets["valid"].samples)
     probs = answer(logits).probs

@@ -12,15 +12,15 @@ from conftest import write_checkpoint
 from helpers.config import TrainConfig
 from helpers.core.errors import CheckpointError
 from helpers.model import checkpoint
-from helpers.model import classifier as model
+from helpers.model.classifier import Classifier, build_model
 
 CLASSES = {str(c): i for i, c in enumerate(sorted(str(k) for k in range(1, 13)))}
 
 
 @pytest.fixture(scope="module")
-def trained() -> model.Classifier:
+def trained() -> Classifier:
     torch.manual_seed(0)
-    clf = model.build_model("efficientnet_lite0", CLASSES, [f"f{c}" for c in CLASSES],
+    clf = build_model("efficientnet_lite0", CLASSES, [f"f{c}" for c in CLASSES],
                             hidden_units=32)
     with torch.no_grad():
         for p in clf.head.parameters():

@@ -17,7 +17,7 @@ from helpers import cli
 from helpers.config import TrainConfig
 from helpers.core.errors import UserError
 from helpers.model import checkpoint
-from helpers.model import classifier as model
+from helpers.model.classifier import build_model
 from helpers.serve import export, inference
 from helpers.serve.prediction import predict, process_image
 
@@ -33,7 +33,7 @@ def folder(tmp_path_factory):
 def ckpt(folder, tmp_path_factory):
     """A tiny model (random weights) saved with its prediction engine beside it."""
     torch.manual_seed(0)
-    clf = model.build_model("test_efficientnet", {"1": 0, "10": 1, "2": 2},
+    clf = build_model("test_efficientnet", {"1": 0, "10": 1, "2": 2},
                             ["pink primrose", "globe thistle", "hard-leaved pocket orchid"],
                             hidden_units=0)
     with torch.no_grad():
@@ -316,7 +316,7 @@ def test_int8_export_names_real_photos_as_the_fp32_export_does(real_data, tmp_pa
         valid += [(p, label) for p in sorted((real_data / "valid" / name).glob("*.jpg"))
                   [:INT8_VALID]]
     torch.manual_seed(0)
-    clf = model.build_model("efficientnet_lite0", {c: i for i, c in enumerate(classes)},
+    clf = build_model("efficientnet_lite0", {c: i for i, c in enumerate(classes)},
                             hidden_units=0).eval()
     with torch.no_grad():
         features = clf.backbone(torch.from_numpy(np.stack([process_image(p) for p, _ in fit])))
@@ -351,7 +351,7 @@ def test_exports_match_pytorch_on_60_real_test_images(real_data, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     folders = sorted(p.name for p in (real_data / "test").iterdir())
     torch.manual_seed(0)
-    clf = model.build_model("efficientnet_lite0", {c: i for i, c in enumerate(folders)},
+    clf = build_model("efficientnet_lite0", {c: i for i, c in enumerate(folders)},
                             hidden_units=0).eval()
     with torch.no_grad():
         clf.head[1].weight.mul_(20)  # peaked, like a trained model's, not a flat random one

@@ -9,9 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.core import files as storage
-from helpers.data import folders as data
+from helpers.core.errors import DataError
+from helpers.core.files import cache_dir
 from helpers.data import splits
+from helpers.data.folders import (
+    PROJECT_ROOT,
+    data_dir,
+    image_folder,
+    images_per_class,
+    make_loaders,
+    summarize,
+)
+from helpers.data.names import class_names, load_category_names
 from helpers.data.transforms import eval_transform
 from helpers.model.backbones import get_backbone
 from helpers.serve.prediction import process_image
@@ -21,14 +30,14 @@ LITE0 = get_backbone("efficientnet_lite0").preprocess
 
 def test_data_and_cache_dirs_follow_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("FLOWERS_DIR", raising=False)
-    assert data.data_dir() == data.PROJECT_ROOT / "flowers"
+    assert data_dir() == PROJECT_ROOT / "flowers"
     monkeypatch.setenv("FLOWERS_DIR", str(tmp_path / "d"))
     monkeypatch.setenv("FLOWERS_CACHE", str(tmp_path / "c"))
-    assert data.data_dir() == tmp_path / "d"
-    assert storage.cache_dir() == tmp_path / "c"
+    assert data_dir() == tmp_path / "d"
+    assert cache_dir() == tmp_path / "c"
     monkeypatch.delenv("FLOWERS_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert storage.cache_dir() == tmp_path / "xdg" / "flower-classifier"
+    assert cache_dir() == tmp_path / "xdg" / "flower-classifier"
 
 
 def test_label_mapping_sorts_folders_as_strings(tiny_folder):
@@ -36,7 +45,7 @@ def test_label_mapping_sorts_folders_as_strings(tiny_folder):
     mapping = sets["train"].class_to_idx
     assert list(mapping) == ["1", "10", "11", "12", "2", "3", "4", "5", "6", "7", "8", "9"]
     assert mapping["10"] == 1 and mapping["2"] == 4
-    names = data.class_names(mapping, {str(i): f"flower {i}" for i in range(1, 13)})
+    names = class_names(mapping, {str(i): f"flower {i}" for i in range(1, 13)})
     assert names[1] == "flower 10" and names[4] == "flower 2"
     # Every sample's label is the index of its own folder.
     for path, label in sets["valid"].samples:
@@ -44,16 +53,16 @@ def test_label_mapping_sorts_folders_as_strings(tiny_folder):
 
 
 def test_folder_names_are_names_without_a_names_file(tiny_folder):
-    mapping = data.image_folder(tiny_folder / "train").class_to_idx
-    assert data.class_names(mapping) == sorted(mapping)
-    assert data.class_names(mapping, {"1": "one"})[0] == "one"
+    mapping = image_folder(tiny_folder / "train").class_to_idx
+    assert class_names(mapping) == sorted(mapping)
+    assert class_names(mapping, {"1": "one"})[0] == "one"
 
 
 def test_summary_counts_images_and_classes(tiny_folder):
-    summary = data.summarize(splits.load_data(tiny_folder, LITE0).sets)
+    summary = summarize(splits.load_data(tiny_folder, LITE0).sets)
     assert summary["train"] == {"images": 36, "classes": 12, "min_per_class": 3,
                                 "max_per_class": 3}
-    assert data.images_per_class({"train": data.image_folder(tiny_folder / "test")}) == 3.0
+    assert images_per_class({"train": image_folder(tiny_folder / "test")}) == 3.0
 
 
 def test_transforms_give_backbone_sized_normalised_tensors(tiny_folder):
@@ -62,7 +71,7 @@ def test_transforms_give_backbone_sized_normalised_tensors(tiny_folder):
         x, y = sets[split][0]
         assert x.shape == (3, 224, 224) and x.dtype == torch.float32
         assert -1.0 <= x.min() and x.max() <= 1.0  # mean = std = 0.5 maps 0..1 to -1..1
-    loaders = data.make_loaders(sets, batch_size=8, num_workers=0)
+    loaders = make_loaders(sets, batch_size=8, num_workers=0)
     images, labels = next(iter(loaders["train"]))
     assert images.shape == (8, 3, 224, 224) and labels.shape == (8,)
 
@@ -82,24 +91,24 @@ def test_numpy_process_image_matches_torchvision_eval_transform(size, arch):
 
 
 def test_missing_folder_and_mismatched_classes_are_clear_errors(tiny_folder, tmp_path):
-    with pytest.raises(data.DataError, match="no such folder"):
-        data.image_folder(tmp_path / "nowhere")
-    with pytest.raises(data.DataError, match="no such folder"):
+    with pytest.raises(DataError, match="no such folder"):
+        image_folder(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="no such folder"):
         splits.load_data(tmp_path / "nowhere", LITE0)
     (tiny_folder / "valid" / "1").rename(tiny_folder / "valid" / "13")
-    with pytest.raises(data.DataError, match="classes differ"):
+    with pytest.raises(DataError, match="classes differ"):
         splits.load_data(tiny_folder, LITE0)
 
 
 def test_category_names_file(tmp_path):
-    names = data.load_category_names()
+    names = load_category_names()
     assert len(names) == 102 and names["1"] == "pink primrose"
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(data.DataError, match="not valid JSON"):
-        data.load_category_names(bad)
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_category_names(bad)
     bad.write_text(json.dumps(["a", "b"]))
-    with pytest.raises(data.DataError, match="expected a JSON object"):
-        data.load_category_names(bad)
-    with pytest.raises(data.DataError, match="no such names file"):
-        data.load_category_names(tmp_path / "absent.json")
+    with pytest.raises(DataError, match="expected a JSON object"):
+        load_category_names(bad)
+    with pytest.raises(DataError, match="no such names file"):
+        load_category_names(tmp_path / "absent.json")

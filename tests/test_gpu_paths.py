@@ -12,9 +12,10 @@ from helpers.cli import build_parser
 from helpers.cli.train_commands import typed_options
 from helpers.config import TrainConfig, recipe_for, settle
 from helpers.core import distributed
-from helpers.data import folders as data
 from helpers.data import splits
-from helpers.model import classifier as model
+from helpers.data.folders import make_loaders
+from helpers.model.backbones import get_backbone
+from helpers.model.classifier import new_model
 from helpers.train import loop, recipes
 from helpers.train import plan as plan_module
 
@@ -35,8 +36,8 @@ def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
                         lambda self, *a: updates.append(1) or original(self, *a))
     config = TrainConfig.course(arch="test_efficientnet", epochs=2, batch_size=12,
                                 hidden_units=8, fast=True)
-    sets = splits.load_data(tiny_folder, model.get_backbone(config.arch).preprocess).sets
-    plan = recipes.course_plan(model.new_model(sets, config), sets, config,
+    sets = splits.load_data(tiny_folder, get_backbone(config.arch).preprocess).sets
+    plan = recipes.course_plan(new_model(sets, config), sets, config,
                                torch.device("cpu"))
     history = loop.fit(plan, torch.device("cpu"), log=None)
     assert len(updates) == 2 * 3 and all(torch.isfinite(torch.tensor(r["train_loss"]))
@@ -44,12 +45,12 @@ def test_fp16_autocast_scales_the_loss(tiny_folder, monkeypatch):
 
 
 def test_loaders_keep_a_cuda_gpu_fed_and_leave_the_cpu_path_alone(tiny_folder):
-    sets = splits.load_data(tiny_folder, model.get_backbone("test_efficientnet").preprocess).sets
-    gpu = data.make_loaders(sets, batch_size=4, device=torch.device("cuda"))["train"]
+    sets = splits.load_data(tiny_folder, get_backbone("test_efficientnet").preprocess).sets
+    gpu = make_loaders(sets, batch_size=4, device=torch.device("cuda"))["train"]
     assert gpu.num_workers >= 1 and gpu.persistent_workers and gpu.pin_memory
     assert gpu.prefetch_factor == 4
-    cpu = data.make_loaders(sets, batch_size=4, device=torch.device("cpu"))["train"]
-    before = data.make_loaders(sets, batch_size=4)["train"]
+    cpu = make_loaders(sets, batch_size=4, device=torch.device("cpu"))["train"]
+    before = make_loaders(sets, batch_size=4)["train"]
     for loader in (cpu, before):
         assert not loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
         assert loader.num_workers == min(4, max(1, (os.cpu_count() or 1) - 1))

@@ -14,7 +14,7 @@ from helpers import cli
 from helpers.config import TUNED, TrainConfig
 from helpers.data import splits
 from helpers.model import backbones, checkpoint
-from helpers.model import classifier as model
+from helpers.model.classifier import new_model
 from helpers.train import evaluate, recipes
 
 
@@ -67,7 +67,7 @@ def test_ten_real_flower_classes_beat_80_percent(real_data, tmp_path):
                          hidden_units=512)
     spec = backbones.get_backbone(config.arch).preprocess
     found = splits.load_data(folder, spec, test_fraction=0)
-    clf = model.new_model(found.sets, config, names=found.names)
+    clf = new_model(found.sets, config, names=found.names)
     recipes.run_recipe(clf, found.sets, config, torch.device("cpu"), log=None)
     result = evaluate.evaluate_model(clf, found.sets["valid"].samples)
     assert result["n"] >= 50 and result["top1"] > 0.80

@@ -14,9 +14,16 @@ import pytest
 from PIL import Image
 
 from conftest import make_image_folder, synthetic_image
-from helpers.core.errors import ImageError
+from helpers.core.errors import DataError, ImageError
 from helpers.data import download, images, splits
-from helpers.data import folders as data
+from helpers.data.folders import (
+    DataWarning,
+    LinkLoopWarning,
+    choose_names,
+    image_folder,
+    make_loaders,
+)
+from helpers.data.names import load_category_names
 from helpers.model.backbones import get_backbone
 
 LITE0 = get_backbone("efficientnet_lite0").preprocess
@@ -40,7 +47,7 @@ def _plain(root: Path, per_class: int = 10, classes: list[str] = CLASSES) -> Pat
 def _load(root: Path, **kwargs) -> splits.DataSplits:
     """load_data that fails on any data warning not asked for."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error", data.DataWarning)
+        warnings.simplefilter("error", DataWarning)
         return splits.load_data(root, LITE0, **kwargs)
 
 
@@ -62,7 +69,7 @@ def test_every_layout_gives_train_valid_and_test(tmp_path, given):
     assert result.names == CLASSES and result.root == root
     carved = [s for s in ("valid", "test") if s not in given]
     assert sorted(result.held_out) == sorted(carved)
-    pool = _rel(data.image_folder(root / "train" if given else root), root)
+    pool = _rel(image_folder(root / "train" if given else root), root)
     for split in carved:
         assert set(result.held_out[split]) == _rel(result.sets[split], root) <= pool
         n = len(result.held_out[split])
@@ -147,7 +154,7 @@ def test_names_file_then_root_file_then_flower_names_only_for_the_102_flowers(tm
     numbered = _plain(tmp_path / "mine", per_class=5, classes=["1", "2", "3"])
     assert _load(numbered).names == ["1", "2", "3"]  # not "pink primrose" and friends
     flowers = {str(i): i - 1 for i in range(1, 103)}
-    names, source = data.choose_names(flowers, root=tmp_path)
+    names, source = choose_names(flowers, root=tmp_path)
     assert names[0] == "pink primrose" and "cat_to_name.json" in source
     (numbered / "cat_to_name.json").write_text(json.dumps({"1": "one", "2": "two", "3": "three"}),
                                                encoding="utf-8-sig")  # with a BOM
@@ -156,7 +163,7 @@ def test_names_file_then_root_file_then_flower_names_only_for_the_102_flowers(tm
     mine.write_text(json.dumps({"1": "uno", "2": "dos", "3": "tres"}), encoding="utf-8-sig")
     result = _load(numbered, names_file=mine)
     assert result.names == ["uno", "dos", "tres"] and f"from {mine}" in result.messages[-1]
-    assert data.load_category_names(mine)["1"] == "uno"
+    assert load_category_names(mine)["1"] == "uno"
 
 
 def test_links_are_followed_once_and_loops_skipped_with_one_warning(tmp_path):
@@ -168,15 +175,15 @@ def test_links_are_followed_once_and_loops_skipped_with_one_warning(tmp_path):
     (daisy / "more_again").symlink_to(outside)  # the same folder twice: listed once
     (daisy / "twin_a.jpg").symlink_to(outside / "img_100.jpg")  # already reached through more/
     (daisy / "twin_b.jpg").symlink_to(daisy / "img_0.jpg")
-    assert len(data.image_folder(root).samples) == 12 + 3
+    assert len(image_folder(root).samples) == 12 + 3
     (daisy / "loop").symlink_to(daisy)
     (root / "rose" / "up").symlink_to(tmp_path)
-    with pytest.warns(data.LinkLoopWarning, match=r"skipped 2 symbolic link.*daisy/loop"):
-        ds = data.image_folder(root)
+    with pytest.warns(LinkLoopWarning, match=r"skipped 2 symbolic link.*daisy/loop"):
+        ds = image_folder(root)
     assert len(ds.samples) == 15 and ds.classes == CLASSES
-    with pytest.warns(data.LinkLoopWarning) as record:
+    with pytest.warns(LinkLoopWarning) as record:
         assert len(splits.load_data(root, LITE0).sets) == 3
-    assert len([w for w in record if w.category is data.LinkLoopWarning]) == 1
+    assert len([w for w in record if w.category is LinkLoopWarning]) == 1
 
 
 def test_hidden_and_editor_folders_are_never_classes_or_images(tmp_path):
@@ -185,7 +192,7 @@ def test_hidden_and_editor_folders_are_never_classes_or_images(tmp_path):
                    root / "rose" / "__pycache__"):
         _photos(hidden, 2)
     shutil.copy(root / "rose" / "img_0.jpg", root / "rose" / ".hidden.jpg")
-    ds = data.image_folder(root)
+    ds = image_folder(root)
     assert ds.classes == CLASSES and len(ds) == 12
 
 
@@ -193,7 +200,7 @@ def test_jfif_jpe_and_heic_are_images(tmp_path, monkeypatch):
     root = _plain(tmp_path / "photos", per_class=4)
     _photos(root / "rose", 1, start=10, ext=".jfif")
     _photos(root / "rose", 1, start=11, ext=".JPE")
-    assert len(data.image_folder(root)) == 14
+    assert len(image_folder(root)) == 14
     assert images.open_image(root / "rose" / "img_10.jfif").mode == "RGB"
     pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif is not installed")
     if not pillow_heif.libheif_info().get("HEIF"):
@@ -201,7 +208,7 @@ def test_jfif_jpe_and_heic_are_images(tmp_path, monkeypatch):
     heic = root / "rose" / "phone.heic"
     pillow_heif.from_pillow(Image.new("RGB", (40, 30), (200, 30, 30))).save(heic)
     assert images.open_image(heic).size == (40, 30) and images.check_image(heic) is None
-    assert len(data.image_folder(root)) == 15
+    assert len(image_folder(root)) == 15
     monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as if it were not installed
     images._heif_opener.cache_clear()
     try:
@@ -222,12 +229,12 @@ def test_tiny_imbalanced_and_empty_classes(tmp_path):
     assert sum(t == two for t in result.sets["train"].targets) == 2
     assert not any("/two/" in p for v in result.held_out.values() for p in v)
     (root / "none").mkdir()
-    with pytest.raises(data.DataError, match="none"):
+    with pytest.raises(DataError, match="none"):
         splits.load_data(root, LITE0)
     single = _plain(tmp_path / "outer" / "flowers", per_class=2, classes=["train"])
-    with pytest.raises(data.DataError, match=r"only one class folder \(flowers\).*did you mean"):
+    with pytest.raises(DataError, match=r"only one class folder \(flowers\).*did you mean"):
         splits.load_data(single.parent, LITE0)
-    with pytest.raises(data.DataError, match="no train/ folder"):
+    with pytest.raises(DataError, match="no train/ folder"):
         splits.load_data(make_image_folder(tmp_path / "t", CLASSES, 1, splits=("test",)), LITE0)
 
 
@@ -250,7 +257,7 @@ def test_ensure_data_uses_any_folder_of_photos_as_it_is(tmp_path):
     assert download.ensure_data(plain) == plain
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(data.DataError, match="cannot download"):  # empty: it tries
+    with pytest.raises(DataError, match="cannot download"):  # empty: it tries
         download.ensure_data(empty, source="course",
                              base_url="http://127.0.0.1:9/flower_data.tar.gz")
     assert os.listdir(empty) == []
@@ -259,12 +266,12 @@ def test_ensure_data_uses_any_folder_of_photos_as_it_is(tmp_path):
 def test_a_class_folder_linking_back_to_the_root_is_a_loop_not_a_class(tmp_path):
     root = _plain(tmp_path / "photos", per_class=3)
     (root / "everything").symlink_to(root)
-    with pytest.warns(data.LinkLoopWarning, match="everything"):
-        ds = data.image_folder(root)
+    with pytest.warns(LinkLoopWarning, match="everything"):
+        ds = image_folder(root)
     assert ds.classes == CLASSES and len(ds) == 9
-    with pytest.warns(data.LinkLoopWarning):
+    with pytest.warns(LinkLoopWarning):
         result = splits.load_data(root, LITE0)
-    loaders = data.make_loaders(result.sets, batch_size=4, num_workers=2)
+    loaders = make_loaders(result.sets, batch_size=4, num_workers=2)
     batch, labels = next(iter(loaders["train"]))  # carved sets travel to worker processes
     assert batch.shape[1:] == (3, 224, 224) and set(labels.tolist()) <= {0, 1, 2}
 
@@ -272,7 +279,7 @@ def test_a_class_folder_linking_back_to_the_root_is_a_loop_not_a_class(tmp_path)
 def test_a_class_folder_linked_to_another_class_is_refused(tmp_path):
     root = _plain(tmp_path / "photos", per_class=6)
     (root / "zinnia").symlink_to(root / "rose")  # a fourth "class" of the rose photos
-    with pytest.raises(data.DataError, match=r"zinnia: the same folder as class rose \(a link\)"):
+    with pytest.raises(DataError, match=r"zinnia: the same folder as class rose \(a link\)"):
         splits.load_data(root, LITE0)
     elsewhere = tmp_path / "lilies"  # a link to a folder of other photos is a class as any
     _photos(elsewhere, 6, cls=3)

@@ -9,20 +9,21 @@ import torch
 from torch import nn
 
 from helpers.config import TrainConfig
-from helpers.core import device as runtime
+from helpers.core.device import StopFlag, get_device
 from helpers.core.errors import Stopped
-from helpers.data import folders as data
 from helpers.data import splits
-from helpers.model import classifier as model
+from helpers.data.folders import make_loaders
+from helpers.model.backbones import get_backbone
+from helpers.model.classifier import Classifier, build_head, build_model, new_model
 from helpers.train import evaluate, loop, recipes
 
 CLASSES = {str(i): i for i in range(12)}
 
 
 @pytest.fixture(scope="module")
-def lite0() -> model.Classifier:
+def lite0() -> Classifier:
     torch.manual_seed(0)
-    return model.build_model("efficientnet_lite0", CLASSES, hidden_units=64, dropout=0.0)
+    return build_model("efficientnet_lite0", CLASSES, hidden_units=64, dropout=0.0)
 
 
 def test_output_shape_and_parameter_counts(lite0):
@@ -35,7 +36,7 @@ def test_output_shape_and_parameter_counts(lite0):
 
 
 def test_linear_head_when_no_hidden_units():
-    head = model.build_head(1280, 102, hidden_units=0)
+    head = build_head(1280, 102, hidden_units=0)
     assert [type(m) for m in head] == [nn.Dropout, nn.Linear]
     assert head[1].in_features == 1280 and head[1].out_features == 102
 
@@ -66,7 +67,7 @@ def test_initial_loss_is_close_to_log_k(lite0):
 
 def test_overfits_one_batch():
     torch.manual_seed(0)
-    clf = model.build_model("efficientnet_lite0", CLASSES, hidden_units=64, dropout=0.0)
+    clf = build_model("efficientnet_lite0", CLASSES, hidden_units=64, dropout=0.0)
     x, y = torch.randn(12, 3, 64, 64), torch.arange(12)
     with torch.no_grad():
         features = clf.backbone.eval()(x)  # frozen: the same on every step
@@ -87,8 +88,8 @@ def _course(folder, **changes):
     """The course recipe's plan for a tiny model on a folder: (config, sets, model, plan)."""
     config = TrainConfig.course(**({"arch": TINY, "epochs": 1, "batch_size": 12,
                                     "hidden_units": 32} | changes))
-    sets = splits.load_data(folder, model.get_backbone(config.arch).preprocess).sets
-    clf = model.new_model(sets, config)
+    sets = splits.load_data(folder, get_backbone(config.arch).preprocess).sets
+    clf = new_model(sets, config)
     return config, sets, clf, recipes.course_plan(clf, sets, config, torch.device("cpu"))
 
 
@@ -115,7 +116,7 @@ def test_fit_learns_and_keeps_best_epoch(tiny_folder):
     best = max(r["valid_top1"] for r in history)
     assert next(r for r in history if r["kept"])["valid_top1"] == best
     assert logged[0].startswith("train: ") and "parameters train" in logged[0]
-    loader = data.make_loaders({"valid": sets["valid"]}, batch_size=12, num_workers=0)["valid"]
+    loader = make_loaders({"valid": sets["valid"]}, batch_size=12, num_workers=0)["valid"]
     result = evaluate.topk_accuracy(*loop.predict_probs(clf, loader, torch.device("cpu")))
     assert result["n"] == 36 and result["top1"] == pytest.approx(best)
     assert result["top5"] >= result["top1"]
@@ -132,7 +133,7 @@ def test_a_plan_without_validation_keeps_the_last_epoch(tiny_folder):
 
 def test_stop_flag_ends_at_a_batch_boundary_and_saves(tiny_folder, tmp_path):
     _, _, clf, plan = _course(tiny_folder, epochs=2, batch_size=6)
-    stop = runtime.StopFlag()
+    stop = StopFlag()
     phase = plan.phases[0]
     real_step = phase.optimizer.step
 
@@ -150,8 +151,8 @@ def test_stop_flag_ends_at_a_batch_boundary_and_saves(tiny_folder, tmp_path):
 
 
 def test_get_device_falls_back_to_cpu():
-    assert runtime.get_device(gpu=False).type == "cpu"
-    assert runtime.get_device().type in {"cuda", "mps", "cpu"}
+    assert get_device(gpu=False).type == "cpu"
+    assert get_device().type in {"cuda", "mps", "cpu"}
 
 
 def test_a_tie_in_valid_top1_is_broken_by_the_lower_valid_loss(tiny_folder):

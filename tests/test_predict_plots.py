@@ -14,17 +14,17 @@ from PIL import Image  # noqa: E402
 from helpers.core.errors import ImageError
 from helpers.data import images
 from helpers.insight import plots  # noqa: E402
-from helpers.model import classifier as model
+from helpers.model.classifier import Classifier, build_model
 from helpers.serve.prediction import Prediction, imshow, predict, process_image  # noqa: E402
 
 FOLDERS = sorted(str(i) for i in range(1, 13))
 
 
 @pytest.fixture(scope="module")
-def clf() -> model.Classifier:
+def clf() -> Classifier:
     torch.manual_seed(0)
     mapping = {c: i for i, c in enumerate(FOLDERS)}
-    return model.build_model("test_efficientnet", mapping, [f"flower {c}" for c in FOLDERS],
+    return build_model("test_efficientnet", mapping, [f"flower {c}" for c in FOLDERS],
                              hidden_units=32).eval()
 
 

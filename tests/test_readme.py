@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT, isolated_env, make_image_folder
-from helpers.model import classifier as model
+from helpers.model.classifier import build_model
 from helpers.serve import inference
 
 README = ROOT / "README.md"
@@ -60,7 +60,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(next((data / "test" / "1").glob("*.jpg")), target)
     torch.manual_seed(0)
-    clf = model.build_model("test_efficientnet", {"1": 0, "10": 1, "2": 2}, hidden_units=0)
+    clf = build_model("test_efficientnet", {"1": 0, "10": 1, "2": 2}, hidden_units=0)
     ckpt = inference.save_model(clf, root / "build" / "main" / "checkpoint.pth")
     return {"data": data, "ckpt": ckpt, "out": root / "build" / "main"}
 

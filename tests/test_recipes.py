@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from helpers.config import TUNED, TrainConfig, for_data, recipe_for
-from helpers.core import device as runtime
-from helpers.core import files as storage
-from helpers.data import folders as data
+from helpers.core.device import autocast_dtype, cpu_flags, cpu_has_bf16
+from helpers.core.files import cache_dir
 from helpers.data import splits
+from helpers.data.folders import image_folder, make_loaders
 from helpers.data.transforms import eval_transform
 from helpers.model import backbones
-from helpers.model import classifier as model
+from helpers.model.classifier import new_model
 from helpers.train import batches as batches_mod
 from helpers.train import cache, cached_recipe, evaluate, recipes, trunk
 
@@ -50,7 +50,7 @@ def test_torchvision_backbones_only_cache_pooled_features():
 
 
 def test_seeded_views_repeat_and_differ_by_seed(tiny_folder):
-    ds = data.image_folder(tiny_folder / "train")
+    ds = image_folder(tiny_folder / "train")
     a = features.SeededView(ds, features.view_transform(LITE0, "aug1"), seed=1)
     b = features.SeededView(ds, features.view_transform(LITE0, "aug1"), seed=2)
     assert torch.equal(a[5][0], a[5][0]) and not torch.equal(a[5][0], b[5][0])
@@ -71,7 +71,7 @@ def test_runtimes_match_torch_fp32_within_the_tolerance(backbone, name):
     got = run(x)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=trunk.TOLERANCE, rtol=trunk.TOLERANCE)
-    assert list((storage.cache_dir() / "onnx").glob("trunk-*-224.onnx"))  # in the cache
+    assert list((cache_dir() / "onnx").glob("trunk-*-224.onnx"))  # in the cache
 
 
 def test_trunk_runtime_is_measured_once_and_remembered(backbone, monkeypatch):
@@ -82,9 +82,9 @@ def test_trunk_runtime_is_measured_once_and_remembered(backbone, monkeypatch):
                         lambda *a, **k: measured.append(1) or real(*a, **k))
     lines = []
     first = trunk.trunk_runtime(trunk_, digest="d" * 64, input_size=64, log=lines.append)
-    saved = json.loads((storage.cache_dir() / "trunk_runtime.json").read_text())
+    saved = json.loads((cache_dir() / "trunk_runtime.json").read_text())
     assert first == saved["runtime"] and len(measured) == 1
-    assert saved["facts"]["flags"] == runtime.cpu_flags()
+    assert saved["facts"]["flags"] == cpu_flags()
     # the fastest of those that agree with PyTorch fp32 was chosen, and the log says which
     agreeing = {k: m for k, m in saved["measured"].items() if m["agrees"]}
     assert first == max(agreeing, key=lambda k: agreeing[k]["images_per_s"])
@@ -92,7 +92,7 @@ def test_trunk_runtime_is_measured_once_and_remembered(backbone, monkeypatch):
     assert trunk.trunk_runtime(trunk_, digest="d" * 64, input_size=64, log=lines.append) == first
     assert len(measured) == 1 and len(lines) == 1  # read back, not measured again
     saved["facts"]["flags"] = "avx2 fma"  # another CPU kind: measured again
-    (storage.cache_dir() / "trunk_runtime.json").write_text(json.dumps(saved))
+    (cache_dir() / "trunk_runtime.json").write_text(json.dumps(saved))
     trunk.trunk_runtime(trunk_, digest="d" * 64, input_size=64, log=None)
     assert len(measured) == 2
 
@@ -108,8 +108,8 @@ def test_a_runtime_that_disagrees_is_never_chosen(backbone, monkeypatch):
 
 def test_onednn_isa_ceiling_turns_bf16_off(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert not runtime.cpu_has_bf16()
-    assert runtime.autocast_dtype(torch.device("cpu")) is None
+    assert not cpu_has_bf16()
+    assert autocast_dtype(torch.device("cpu")) is None
 
 
 @pytest.fixture
@@ -125,21 +125,21 @@ def extractions(monkeypatch) -> list[int]:
 def test_activation_cache_hits_and_rebuilds_when_a_file_changes(backbone, tiny_folder,
                                                                 extractions):
     calls = extractions
-    ds = data.image_folder(tiny_folder / "valid", eval_transform(LITE0))
+    ds = image_folder(tiny_folder / "valid", eval_transform(LITE0))
     acts = features.ActivationCache(TINY, backbone, tail_stages=1, device=torch.device("cpu"),
                                     engine="torch")
     first = acts.get(ds, "centre")
     assert first.shape[0] == 36 and first.dtype == torch.float16
     assert torch.equal(acts.get(ds, "centre"), first) and len(calls) == 1
     assert features.cache_size() > 0
-    stored = next((storage.cache_dir() / "activations").glob("*.pt"))
+    stored = next((cache_dir() / "activations").glob("*.pt"))
     assert stored.with_name(stored.name + ".sha256").is_file()  # its digest beside it
     path = ds.samples[0][0]
     os.utime(path, ns=(1, 1))  # the same bytes, another mtime: the cache must not be trusted
     acts.get(ds, "centre")
     assert len(calls) == 2
     # Damage that still loads: one byte changed inside the tensor data is found and rebuilt.
-    stored = max((storage.cache_dir() / "activations").glob("*.pt"), key=os.path.getmtime)
+    stored = max((cache_dir() / "activations").glob("*.pt"), key=os.path.getmtime)
     raw = bytearray(stored.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     stored.write_bytes(bytes(raw))
@@ -193,21 +193,21 @@ def test_truncated_onnx_trunk_is_rebuilt_and_cleared(backbone):
                                  device=torch.device("cpu"))
 
     runner()
-    path = next((storage.cache_dir() / "onnx").glob("trunk-*.onnx"))
+    path = next((cache_dir() / "onnx").glob("trunk-*.onnx"))
     path.write_bytes(path.read_bytes()[:1000])  # a truncated file, as a full disk leaves
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = trunk_(x)
     assert (runner()(x) - expected).abs().max() < trunk.TOLERANCE
     assert features.clear_cache() > 0
-    assert not list((storage.cache_dir() / "onnx").glob("*"))
+    assert not list((cache_dir() / "onnx").glob("*"))
 
 
 def _setup(folder, **changes):
     config = TrainConfig(**({"arch": "test_efficientnet", "batch_size": 12, "epochs": 2,
                              "probe_epochs": 3, "views": 1} | changes))
     sets = splits.load_data(folder, TINY.preprocess).sets
-    return config, sets, model.new_model(sets, config)
+    return config, sets, new_model(sets, config)
 
 
 def test_cached_recipe_probes_fine_tunes_and_calibrates(tiny_folder):
@@ -235,7 +235,7 @@ def test_cached_validation_agrees_with_the_whole_model(tiny_folder):
     config, sets, clf = _setup(tiny_folder, recipe="cached")
     plan, acts = cached_recipe.cached_plan(clf, sets, config, torch.device("cpu"))
     cached = plan.validate()
-    loader = data.make_loaders({"valid": sets["valid"]}, batch_size=12, num_workers=0)["valid"]
+    loader = make_loaders({"valid": sets["valid"]}, batch_size=12, num_workers=0)["valid"]
     from helpers.train import loop
 
     whole = evaluate.topk_accuracy(*loop.predict_probs(clf, loader, torch.device("cpu"),
@@ -259,7 +259,7 @@ def test_course_recipe_and_auto_choice(tiny_folder):
                                 hidden_units=16)
     assert config.recipe == "course" and config.learning_rate == 1e-3 and not config.fast
     _, sets, _ = _setup(tiny_folder)
-    clf = model.new_model(sets, config)
+    clf = new_model(sets, config)
     trained = recipes.run_recipe(clf, sets, config, torch.device("cpu"), log=None)
     assert len(trained.history) == 1
     assert sum(p.numel() for p in clf.parameters() if p.requires_grad) < 30_000

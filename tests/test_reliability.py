@@ -21,10 +21,11 @@ from torchvision import transforms
 
 from conftest import ROOT, isolated_env, make_image_folder
 from helpers import cli
-from helpers.core import device as runtime
-from helpers.core.errors import CheckpointError, ImageError, Stopped
-from helpers.data import folders as data
+from helpers.core.device import StopFlag
+from helpers.core.errors import CheckpointError, DataError, ImageError, Stopped
 from helpers.data import images, splits
+from helpers.data.folders import BadImageWarning, image_folder
+from helpers.data.names import class_names
 from helpers.model import backbones, checkpoint
 from helpers.serve.prediction import process_image
 
@@ -98,7 +99,7 @@ def test_corrupt_training_images_are_listed_and_left_out(tmp_path):
     folder = make_image_folder(tmp_path / "f", ["1", "2"], per_class=3)
     (folder / "train" / "1" / "broken.jpg").write_bytes(_jpeg_bytes()[:150])
     (folder / "train" / "2" / "text.jpg").write_text("not an image")
-    with pytest.warns(data.BadImageWarning, match=r"left out 2 unreadable.*broken\.jpg"):
+    with pytest.warns(BadImageWarning, match=r"left out 2 unreadable.*broken\.jpg"):
         sets = splits.load_data(folder, LITE0).sets
     assert len(sets["train"]) == 6 and len(sets["train"].targets) == 6
     assert all("broken" not in p for p, _ in sets["train"].samples)
@@ -107,14 +108,14 @@ def test_corrupt_training_images_are_listed_and_left_out(tmp_path):
 def test_folder_problems_are_clear(tmp_path):
     folder = make_image_folder(tmp_path / "f", ["1", "2"], per_class=2)
     with pytest.warns(UserWarning, match="no name for class folder"):
-        assert data.class_names({"1": 0, "77": 1}, {"1": "one"}) == ["one", "77"]
+        assert class_names({"1": 0, "77": 1}, {"1": "one"}) == ["one", "77"]
     (folder / "train" / "3").mkdir()
-    with pytest.raises(data.DataError, match="3"):
+    with pytest.raises(DataError, match="3"):
         splits.load_data(folder, LITE0)
     empty = tmp_path / "empty" / "train"
     empty.mkdir(parents=True)
-    with pytest.raises(data.DataError, match="empty"):
-        data.image_folder(empty)
+    with pytest.raises(DataError, match="empty"):
+        image_folder(empty)
 
 
 def _train(folder, out, *extra, epochs=40):
@@ -376,7 +377,7 @@ def test_training_onto_a_full_disk_is_one_line(train_env, tmp_path):
 
 
 def test_a_second_stop_request_aborts_at_once():
-    stop = runtime.StopFlag()
+    stop = StopFlag()
     stop.request(signal.SIGTERM)
     assert stop.requested and stop.signal_name == "SIGTERM"
     with pytest.raises(Stopped, match="stopped by SIGTERM during extraction"):
@@ -387,11 +388,11 @@ def test_a_second_stop_request_aborts_at_once():
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "not an image"])
 def test_the_standalone_onnx_script_fails_in_one_line(case, tmp_path):
-    from helpers.model import classifier as model
+    from helpers.model.classifier import build_model
     from helpers.serve import export
 
     torch.manual_seed(0)
-    onnx_path = export.export_onnx(model.build_model("test_efficientnet", {"a": 0, "b": 1},
+    onnx_path = export.export_onnx(build_model("test_efficientnet", {"a": 0, "b": 1},
                                                      hidden_units=0), tmp_path / "m.onnx")
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(_jpeg_bytes())

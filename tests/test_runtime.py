@@ -7,14 +7,14 @@ import signal
 
 import pytest
 
-from helpers.core import device as runtime
 from helpers.core import distributed
+from helpers.core.device import StopFlag, progress
 from helpers.core.errors import DiskFullError
 from helpers.core.files import atomic_write, atomic_write_bytes
 
 
 def test_progress_in_logs_is_a_few_lines_with_rate_and_time_left(capsys):
-    items = list(runtime.progress(range(5), desc="extract", every=0.0))
+    items = list(progress(range(5), desc="extract", every=0.0))
     assert items == [0, 1, 2, 3, 4]
     lines = capsys.readouterr().err.rstrip().splitlines()
     assert lines[0].startswith("  extract: 1/5 batches, ") and "s left" in lines[0]
@@ -23,7 +23,7 @@ def test_progress_in_logs_is_a_few_lines_with_rate_and_time_left(capsys):
 
 
 def test_progress_is_quiet_for_short_phases(capsys):
-    assert sum(runtime.progress(range(3), desc="probe", every=60.0)) == 3
+    assert sum(progress(range(3), desc="probe", every=60.0)) == 3
     assert capsys.readouterr().err == ""
 
 
@@ -53,7 +53,7 @@ def test_other_write_failures_keep_their_own_error(tmp_path):
 
 
 def test_stop_flag_catches_signals_only_while_watching():
-    stop = runtime.StopFlag()
+    stop = StopFlag()
     before = signal.getsignal(signal.SIGTERM)
     with stop.watch():
         signal.raise_signal(signal.SIGTERM)  # handled: the flag is set, nothing raised

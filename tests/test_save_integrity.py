@@ -17,10 +17,9 @@ import torch
 from conftest import ROOT, make_image_folder
 from helpers import cli
 from helpers.cli import train_commands as training
-from helpers.core import files as storage
 from helpers.core.errors import Stopped
-from helpers.core.files import file_sha256
-from helpers.model import classifier as model
+from helpers.core.files import file_sha256, folder_lock
+from helpers.model.classifier import Classifier, build_model
 from helpers.serve import inference
 from helpers.serve.engine import engine_path, open_engine, read_header
 from helpers.serve.export import save_with_metadata
@@ -28,9 +27,9 @@ from helpers.train import calibration
 from helpers.train import run as run_module
 
 
-def _model(classes: list[str], seed: int) -> model.Classifier:
+def _model(classes: list[str], seed: int) -> Classifier:
     torch.manual_seed(seed)
-    clf = model.build_model("test_efficientnet", {c: i for i, c in enumerate(classes)},
+    clf = build_model("test_efficientnet", {c: i for i, c in enumerate(classes)},
                             [f"name of {c}" for c in classes], hidden_units=0)
     with torch.no_grad():
         clf.head[1].weight.normal_(0, 0.5)
@@ -111,7 +110,7 @@ def test_one_run_per_save_folder(folder, tmp_path, capsys):
         holder.wait()
     # the killed holder's lock file is left behind; the kernel released its lock: taken over
     assert (out / ".lock").read_text().split()[0] == str(holder.pid)
-    with storage.folder_lock(out) as lock:
+    with folder_lock(out) as lock:
         assert lock.read_text().split()[0] == str(os.getpid())
     assert not (out / ".lock").exists()  # released on the way out
 

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_image
-from helpers.data import folders as data
 from helpers.data import images
+from helpers.data.folders import image_folder
 from helpers.insight import try_photo
-from helpers.model import classifier as model
+from helpers.model.classifier import Classifier, build_model
 from helpers.serve.prediction import process_image
 
 pytest.importorskip("ipywidgets")
@@ -24,11 +24,11 @@ pytest.importorskip("ipywidgets")
 @pytest.fixture
 def widget(tiny_folder):
     torch.manual_seed(0)
-    clf = model.build_model("test_efficientnet", {str(i): i - 1 for i in range(1, 13)},
+    clf = build_model("test_efficientnet", {str(i): i - 1 for i in range(1, 13)},
                             [f"flower {i}" for i in range(1, 13)], hidden_units=0).eval()
     with torch.no_grad():
         clf.head[1].weight.normal_(0, 0.3)  # spread, so that the top-5 has a clear order
-    box = try_photo.try_your_photo(clf, data.image_folder(tiny_folder / "test"), choices=5)
+    box = try_photo.try_your_photo(clf, image_folder(tiny_folder / "test"), choices=5)
     (upload, menu), output = box.children[0].children, box.children[1]
     return clf, upload, menu, output
 
@@ -38,7 +38,7 @@ def _file(name: str, content: bytes) -> dict:
             "content": memoryview(content), "last_modified": datetime.datetime.now()}
 
 
-def _by_hand(clf: model.Classifier, image: Image.Image) -> tuple[list[str], np.ndarray]:
+def _by_hand(clf: Classifier, image: Image.Image) -> tuple[list[str], np.ndarray]:
     """The top-5 names and probabilities from the PyTorch model itself (not the engine that
     predict uses): softmax(logits / temperature) of process_image."""
     x = torch.from_numpy(process_image(image, spec=clf.preprocess))[None]

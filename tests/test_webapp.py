@@ -22,7 +22,7 @@ from helpers import cli
 from helpers.core.errors import AppError
 from helpers.data.preprocess import Preprocess, process_image
 from helpers.model import checkpoint
-from helpers.model import classifier as model
+from helpers.model.classifier import build_model
 from helpers.serve import export, webapp
 
 NODE = shutil.which("node")
@@ -89,7 +89,7 @@ def test_js_crop_rounds_halves_like_python(tmp_path):
 
 def test_package_data_lists_every_file_of_the_page():
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["helpers"]
+        "package-data"]["helpers.serve"]
     shipped = [p.relative_to(webapp.PAGE.parent).as_posix()
                for p in webapp.PAGE.rglob("*") if p.is_file()]
     assert "node_modules" not in " ".join(shipped)
@@ -132,7 +132,7 @@ def tiny_ckpt(tmp_path_factory):
     folder = make_image_folder(tmp_path_factory.mktemp("app") / "flowers", ["1", "2", "10"],
                                per_class=3)
     torch.manual_seed(0)
-    clf = model.build_model("efficientnet_lite0", {"1": 0, "10": 1, "2": 2},
+    clf = build_model("efficientnet_lite0", {"1": 0, "10": 1, "2": 2},
                             ["pink primrose", "globe thistle", "hard-leaved pocket orchid"],
                             hidden_units=0, pretrained=False)
     clf.temperature, clf.unsure_below = 1.5, 0.6

@@ -3,7 +3,7 @@
 `build_app(checkpoint, out=...)` writes the model (fp32; static int8 with precision="int8"),
 specialised for one photo at a time, `model.json` (names and preprocessing, which
 onnxruntime-web cannot read from the ONNX metadata), the page and service worker shipped in
-`helpers/app_page/`, its icons (drawn), and the onnxruntime-web wasm runtime from npm
+`helpers/serve/app_page/`, its icons (drawn), and the onnxruntime-web wasm runtime from npm
 (checked against the tarball package-lock.json pins), each file whole or not at all.
 `serve(folder, port=...)` serves it on loopback with the headers that let the wasm runtime
 use threads (static_server.py).
