@@ -198,3 +198,35 @@ def test_no_public_function_is_used_by_the_tests_alone():
     unused = [q for q, _ in _public_functions()
               if len(re.findall(rf"\b{re.escape(q.rsplit('.', 1)[-1])}\b", text)) <= 1]
     assert not unused, unused
+
+
+def test_one_place_turns_logits_into_calibrated_probabilities():
+    """answers.answer divides logits by the temperature; no other code does (a softmax
+    elsewhere is plain: validation while training, the doctor's own regression). The
+    exported graph is answer's in ONNX, checked equal to predict by the export tests."""
+    allowed = {"helpers/serve/answers.py", "helpers/serve/export.py"}
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+                right = node.right
+                name = right.id if isinstance(right, ast.Name) else getattr(right, "attr", "")
+                if name == "temperature" and rel not in allowed:
+                    found.append(f"{rel}:{node.lineno}")
+    assert not found, found
+
+
+def test_settle_runs_once_a_run(monkeypatch, tmp_path):
+    """set_up settles the settings once, after the data is known; run never settles again."""
+    from conftest import make_image_folder
+    from helpers import config
+    from helpers.train import run
+
+    calls = []
+    real = config.settle
+    monkeypatch.setattr(run, "settle", lambda *a, **k: calls.append(k) or real(*a, **k))
+    folder = make_image_folder(tmp_path / "d", ["a", "b"], 3)
+    setup = run.set_up(folder, typed={"arch": "test_efficientnet", "epochs": 1}, device_type="cpu")
+    assert len(calls) == 1 and calls[0]["images_per_class"] == 3
+    assert setup.config.epochs == 1 and setup.config.recipe == "cached"

