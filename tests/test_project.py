@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ROOT
 
-CONDA_NAMES = {"pytorch": "torch"}  # conda name -> PyPI name
+CONDA_NAMES = {"pytorch": "torch", "opencv": "opencv-python-headless"}  # conda -> PyPI
 
 
 def _name(requirement: str) -> str:

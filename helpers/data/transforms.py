@@ -6,11 +6,29 @@ from __future__ import annotations
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from helpers.data.augment import CameraShake, ZoomOut
 from helpers.data.preprocess import Preprocess
 
+AUGMENTATIONS = ("crop", "camera")  # TrainConfig.augmentation
 
-def train_transform(spec: Preprocess) -> transforms.Compose:
-    """Augmentation for training: small rotation, random resized crop, horizontal flip."""
+
+def train_transform(spec: Preprocess, *, augmentation: str = "crop") -> transforms.Compose:
+    """Augmentation for training: small rotation, random resized crop, horizontal flip; with
+    "camera", also the flower zoomed out in its surroundings, larger tilts, and the blur,
+    shake, low resolution, compression, noise, light and colour of phone photos."""
+    if augmentation == "camera":
+        return transforms.Compose([
+            ZoomOut(),
+            transforms.RandomRotation(30, interpolation=InterpolationMode.BILINEAR),
+            transforms.RandomResizedCrop(spec.input_size, scale=(0.25, 1.0),
+                                         interpolation=InterpolationMode(spec.interpolation)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            CameraShake(),
+            transforms.Normalize(spec.mean, spec.std),
+        ])
+    if augmentation != "crop":
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose {AUGMENTATIONS}")
     return transforms.Compose([
         transforms.RandomRotation(15, interpolation=InterpolationMode.BILINEAR),
         transforms.RandomResizedCrop(spec.input_size, scale=(0.25, 1.0),

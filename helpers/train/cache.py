@@ -78,7 +78,8 @@ class SeededView(Dataset):
             return self.transform(self.dataset.loader(path)), label
 
 
-def view_transform(spec: Preprocess, view: str) -> transforms.Compose:
+def view_transform(spec: Preprocess, view: str, *,
+                   augmentation: str = "crop") -> transforms.Compose:
     """'centre' (the eval transform), 'flip' (mirrored centre) or 'aug<N>' (train transform)."""
     if view == "centre":
         return eval_transform(spec)
@@ -86,7 +87,7 @@ def view_transform(spec: Preprocess, view: str) -> transforms.Compose:
         # mirrored after the crop: exactly the mirror image of the centre view
         return transforms.Compose([*eval_transform(spec).transforms,
                                    transforms.RandomHorizontalFlip(p=1.0)])
-    return train_transform(spec)
+    return train_transform(spec, augmentation=augmentation)
 
 
 @torch.inference_mode()
@@ -109,8 +110,9 @@ class ActivationCache:
 
     def __init__(self, spec: Backbone, backbone: nn.Module, *, tail_stages: int,
                  device: torch.device, engine: str = "auto", stop: StopFlag | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, augmentation: str = "crop") -> None:
         self.spec, self.tail_stages, self.device = spec, tail_stages, device
+        self.augmentation = augmentation  # of the augmented views (transforms.train_transform)
         self.stop, self.log = stop, log
         self.trunk, self.tail = split_backbone(backbone, tail_stages)
         self._digest = weights_digest(self.trunk).hexdigest()
@@ -122,6 +124,10 @@ class ActivationCache:
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None  # made when first needed
         self.seconds, self.images = 0.0, 0  # time spent computing activations, and for how many
 
+    def _transform(self, view: str) -> transforms.Compose:
+        """The transform of a view of this cache's backbone and augmentation."""
+        return view_transform(self.spec.preprocess, view, augmentation=self.augmentation)
+
     def release(self) -> None:
         """Free the trunk's runner (a runtime's session and its memory arena)."""
         self._run = None
@@ -132,7 +138,7 @@ class ActivationCache:
         facts = {"version": CACHE_VERSION, "arch": self.spec.name, "tail": self.tail_stages,
                  "engine": self.engine, "weights": self._digest, "view": view,
                  "seed": seed if view.startswith("aug") else None,
-                 "transform": repr(view_transform(self.spec.preprocess, view)),
+                 "transform": repr(self._transform(view)),
                  "torch": torch.__version__}
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -169,7 +175,7 @@ class ActivationCache:
                 self._run = make_runner(self.engine, self.trunk, digest=self._digest,
                                         input_size=self.spec.preprocess.input_size,
                                         device=self.device)
-            data = SeededView(dataset, view_transform(self.spec.preprocess, view), seed)
+            data = SeededView(dataset, self._transform(view), seed)
             acts = extract(self._run, data, desc=f"{view} views of {Path(dataset.root).name}",
                            stop=self.stop)
         seal(atomic_save({"activations": acts, "created": time.time(),

@@ -77,7 +77,8 @@ def cached_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config
     """Linear probe on pooled centre features, then the tail and head on cached views."""
     model.requires_grad_(False).eval()
     cache = ActivationCache(model.spec, model.backbone, tail_stages=config.tail_stages,
-                            device=device, stop=stop, log=log)
+                            device=device, stop=stop, log=log,
+                            augmentation=config.augmentation)
     net = CachedModel(cache.tail, model.head, freeze_bn=config.freeze_bn).to(device)
     y_train = _labels(sets["train"])
     x_train = cache.get(sets["train"], "centre")

@@ -27,7 +27,7 @@ from helpers.config import TrainConfig, recipe_for
 from helpers.core.device import StopFlag
 from helpers.core.distributed import Distributed
 from helpers.data.folders import make_loaders, with_transform
-from helpers.data.transforms import eval_transform
+from helpers.data.transforms import eval_transform, train_transform
 from helpers.model.classifier import Classifier
 from helpers.train.cache import ActivationCache
 from helpers.train.cached_recipe import cached_plan
@@ -76,6 +76,9 @@ def _image_plan(model: Classifier, sets: dict[str, datasets.ImageFolder], config
     chosen = {s: sets[s] for s in ("train", "valid") if s in sets}
     if not config.augment:  # the same input every epoch: runs that can be compared exactly
         chosen["train"] = with_transform(chosen["train"], eval_transform(model.preprocess))
+    elif config.augmentation != "crop":
+        chosen["train"] = with_transform(chosen["train"], train_transform(
+            model.preprocess, augmentation=config.augmentation))
     loaders = make_loaders(chosen, batch_size=config.batch_size, dist=dist, device=device)
     scheduler = (one_cycle(optimizer, config.epochs * len(loaders["train"])) if scheduled
                  else None)
