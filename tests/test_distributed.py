@@ -31,23 +31,23 @@ EXACT = ["--arch", "test_efficientnet", "--recipe", "course", "--hidden_units", 
          "--dropout", "0", "--no_augment", "--learning_rate", "0.01", "--seed", "3"]
 EPOCHS = 12
 TOLERANCE = 1e-5  # measured on a CPU: 4.5e-8 after 12 Adam steps (printed by the test)
-# Records which training images each rank loads (helpers.data's own folder class, patched
+# Records which training images each rank loads (helpers.data.folders' own folder class, patched
 # in this process only), then runs train.py's command line.
 PROBE = """
 import os, sys
 from pathlib import Path
-from helpers import data
 from helpers.cli import main
+from helpers.data import folders
 
 seen = open(Path(os.environ["SEEN_DIR"]) / f"rank{os.environ.get('RANK', '0')}.txt", "a")
-original = data.PhotoFolder.__getitem__
+original = folders.PhotoFolder.__getitem__
 
 def getitem(self, index):
     if Path(self.root).name == "train":
         print(Path(self.samples[index][0]).relative_to(self.root), file=seen, flush=True)
     return original(self, index)
 
-data.PhotoFolder.__getitem__ = getitem
+folders.PhotoFolder.__getitem__ = getitem
 sys.exit(main(["train", *sys.argv[1:]], prog="train.py"))
 """
 

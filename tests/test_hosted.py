@@ -40,7 +40,7 @@ exec(cell, {})  # a second run adds nothing
 spec = importlib.util.find_spec("helpers")
 report = {"cwd": os.getcwd(), "helpers": spec and spec.origin}
 if os.environ.get("GET_DATA"):
-    from helpers import download
+    from helpers.data import download
     report["data"] = str(download.ensure_data())
 print(json.dumps(report))
 """

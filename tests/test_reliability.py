@@ -23,6 +23,7 @@ from conftest import ROOT, isolated_env, make_image_folder
 from helpers import cli
 from helpers.core.device import StopFlag
 from helpers.core.errors import CheckpointError, DataError, ImageError, Stopped
+from helpers.core.files import atomic_save
 from helpers.data import images, splits
 from helpers.data.folders import BadImageWarning, image_folder
 from helpers.data.names import class_names
@@ -299,7 +300,7 @@ def test_resume_of_another_runs_state_is_refused(train_env, tmp_path, capsys):
 
 KILL_DURING_SAVE = """
 import sys, torch
-from helpers.runtime import atomic_save
+from helpers.core.files import atomic_save
 big = {"weights": torch.ones(40_000_000)}
 while True:
     atomic_save(big, sys.argv[1])
@@ -309,7 +310,7 @@ while True:
 @pytest.mark.slow  # a process of its own
 def test_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     target = tmp_path / "model.pth"
-    checkpoint.atomic_save({"weights": torch.zeros(3)}, target)
+    atomic_save({"weights": torch.zeros(3)}, target)
     writer = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, str(target)], cwd=ROOT)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".model.pth.*.tmp")) and time.time() < deadline:
@@ -322,7 +323,8 @@ def test_killed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 
 FILL_THE_DISK = """
 import sys, torch
-from helpers import runtime
+from helpers.core.errors import DiskFullError
+from helpers.core.files import atomic_save
 target = sys.argv[1] + "/state.pth"
 atomic_save({"weights": torch.zeros(10)}, target)
 try:

@@ -129,7 +129,7 @@ def train_one_epoch(phase: Phase, device: torch.device, *, run: RunState, epoch:
         seen += len(labels)
         if run.dist.agree(stop is not None and stop.requested):  # nothing half-done is saved
             run.save()
-            raise Stopped(f"stopped by {stop.signal_name if stop else 'another process'} "
+            raise Stopped(f"stopped by {(stop and stop.signal_name) or 'another process'} "
                           f"after {step} batches of {phase.name}{of}")
     run.at = Position(index, epoch, 0)
     total_loss, correct, seen = run.dist.total([total_loss, correct, seen])  # every shard's
