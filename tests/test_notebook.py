@@ -43,6 +43,7 @@ def test_the_notebook_shows_the_course_steps_in_order():
              "build_plan(", ".optimizer", "train_one_epoch(", "validate(", "run.finish()",
              "calibrate_on(", "evaluate_model(", "save_model(", "load_checkpoint(",
              "process_image(", "imshow(", "prediction.predict(", "plot_prediction_grid(",
+             "shift_image(",
              "doctor.examine("]
     where = [next((i for i, c in enumerate(code) if step in c), None) for step in steps]
     assert None not in where, [s for s, w in zip(steps, where, strict=True) if w is None]

@@ -408,3 +408,26 @@ def test_the_standalone_onnx_script_fails_in_one_line(case, tmp_path):
                            str(onnx_path), str(photo)], capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
+def test_a_torchvision_built_for_another_torch_is_one_line(tmp_path):
+    """The error a mismatched pair gives at import ("operator torchvision::nms does not
+    exist") becomes one line naming both versions and the command that installs a pair."""
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    folder = make_image_folder(tmp_path / "d", ["a", "b"], 2)
+    env = os.environ | {"PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run([sys.executable, "train.py", str(folder), "--save_dir",
+                           str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    from importlib import metadata
+
+    assert lines[0].startswith(f"error: torchvision {metadata.version('torchvision')} does "
+                               f"not work with torch {metadata.version('torch')}")
+    assert "operator torchvision::nms does not exist" in lines[0]
+    assert "install a matching pair: pip install torch==" in lines[0]

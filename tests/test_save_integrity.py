@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -227,3 +228,52 @@ def test_the_lock_is_taken_before_the_data_is_read(folder, tmp_path, monkeypatch
     assert cli.main(["train", str(folder), "--save_dir", str(tmp_path / "out")]) == 0
     assert seen == [("set_up", True), ("train", True)]
     assert not (tmp_path / "out" / ".lock").exists()
+
+
+def test_a_lock_that_is_a_link_is_refused_and_its_target_untouched(folder, tmp_path):
+    """A neighbour plants SAVE_DIR/.lock -> a file of ours: the run refuses in one line and
+    the file keeps its bytes (the lock was opened with O_NOFOLLOW)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    done = subprocess.run([sys.executable, "train.py", str(folder), "--save_dir", str(out),
+                           "--arch", "test_efficientnet", "--epochs", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: {out / '.lock'} is a symbolic link, not a lock this project made; remove it, "
+        "or choose another folder (--save_dir)"]
+    assert victim.read_text() == "precious\n" and not (out / "checkpoint.pth").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_mode_open_would_give(tmp_path, umask):
+    """Atomic writes end as 0666 less the umask (not mkstemp's 0600); a replaced file keeps
+    its own mode."""
+    from helpers.core.files import atomic_write_bytes
+
+    old = os.umask(umask)
+    try:
+        path = atomic_write_bytes(b"x", tmp_path / "new.bin")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+        kept = tmp_path / "kept.bin"
+        kept.write_bytes(b"old")
+        kept.chmod(0o640)
+        atomic_write_bytes(b"new", kept)
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_bytes() == b"new"
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.slow
+def test_a_trained_run_saves_readable_files_under_umask_022(folder, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(["sh", "-c", f"umask 022 && {sys.executable} train.py {folder} "
+                           f"--save_dir {out} --arch test_efficientnet --epochs 1 "
+                           "--batch_size 6"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("checkpoint.pth", "checkpoint.engine.onnx", "last.pth"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name

@@ -92,8 +92,48 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         return 0
     except Exception as err:
+        broken = _broken_install(err)
+        if broken:
+            print(f"error: {broken}", file=sys.stderr)
+            return 1
         if not _is_user_error(err):
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _broken_install(err: BaseException) -> str | None:
+    """One line for a torch or torchvision that fails while it is imported (a torchvision
+    built for another torch: "operator torchvision::nms does not exist"); None otherwise."""
+    import traceback
+    from importlib import metadata
+
+    frames = traceback.extract_tb(err.__traceback__)
+    importing = any((f.line or "").lstrip().startswith(("import ", "from ")) for f in frames)
+    package = next((name for f in reversed(frames) for name in ("torchvision", "torch")
+                    if f"{os.sep}{name}{os.sep}" in f.filename), None)
+    if not (importing and package) and getattr(err, "name", None) not in ("torch",
+                                                                           "torchvision"):
+        return None
+    package = package or err.name
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "(not installed)"
+
+    torch, vision = version("torch"), version("torchvision")
+    why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    base = torch.split("+")[0]
+    try:
+        major, minor = (int(x) for x in base.split(".")[:2])
+        pair = f"pip install torch=={base} torchvision==0.{minor + 15}.*" if major == 2 else ""
+    except ValueError:
+        pair = ""
+    if package == "torchvision":
+        return (f"torchvision {vision} does not work with torch {torch} ({why}); install a "
+                f"matching pair: {pair or 'see https://pytorch.org/get-started/locally'}")
+    return (f"torch {torch} cannot be imported ({why}); reinstall it with a matching "
+            f"torchvision: {pair or 'see https://pytorch.org/get-started/locally'}")

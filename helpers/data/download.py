@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from helpers.core.files import saved_mode
 from helpers.data.folders import SPLITS, DataError, data_dir, find_class_folders
 from helpers.data.images import IMAGE_EXTENSIONS, list_image_files
 
@@ -30,22 +31,28 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None = None) -> 
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    # a file of its own (mkstemp), never a fixed name: a link planted at DEST.part is not
+    # followed, and two downloads do not write into one file
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(name)
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=30) as response, os.fdopen(fd, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
             print(f"downloading {url} ({(total or 0) / 1e6:.0f} MB)", flush=True)
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as err:
+    except BaseException as err:  # Ctrl-C included: nothing half-downloaded is left
         tmp.unlink(missing_ok=True)
+        if not isinstance(err, urllib.error.URLError | OSError):
+            raise
         reason = getattr(err, "reason", err)
         raise DataError(f"cannot download {url} ({reason})") from None
     if md5 and not check_integrity(str(tmp), md5):
         tmp.unlink()
         raise DataError(f"{url}: the download is damaged (md5 differs from {md5}); try again")
+    os.chmod(tmp, saved_mode(dest))
     os.replace(tmp, dest)
     return dest
 
