@@ -32,7 +32,7 @@ class TrainConfig:
     seed: int = 0
     fast: bool = True  # bf16/fp16 autocast and channels_last where the hardware gains
     augment: bool = True  # False: training images get the evaluation transform (exact tests)
-    augmentation: str = "crop"  # "crop", or "camera": also the shifts of phone photos
+    augmentation: str = "crop"  # "crop"; "camera": also the shifts of phone photos; "mixed"
     compile: bool = False  # torch.compile the trained module (pays on long CUDA runs only)
 
     @classmethod
@@ -149,8 +149,9 @@ def check(config: TrainConfig) -> None:
         raise UserError(f"--views must be between 0 and 32, not {config.views}")
     if not 0.0 <= config.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), not {config.dropout}")
-    if config.augmentation not in ("crop", "camera"):
-        raise UserError(f"--augmentation must be crop or camera, not {config.augmentation!r}")
+    if config.augmentation not in ("crop", "camera", "mixed"):
+        raise UserError("--augmentation must be crop, camera or mixed, not "
+                        f"{config.augmentation!r}")
     if config.hidden_units < 0:
         raise UserError(f"--hidden_units must be 0 (a linear head) or more, "
                         f"not {config.hidden_units}")

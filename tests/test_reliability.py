@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -431,3 +432,42 @@ def test_a_torchvision_built_for_another_torch_is_one_line(tmp_path):
                                f"not work with torch {metadata.version('torch')}")
     assert "operator torchvision::nms does not exist" in lines[0]
     assert "install a matching pair: pip install torch==" in lines[0]
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"exclude": [' + "9" * 5000 + "]}", "cannot be read as JSON (Exceeds the limit"),
+    ("[" * 10_000 + "]" * 10_000, "cannot be read as JSON (nested too deep)"),
+    ('{"exclude": ["train/a/' + "x" * 300 + '.jpg"]}', "is longer than a file name can be"),
+    ("EMPTY_VALID", "the fixes leave no photo in valid/"),
+])
+def test_a_bad_fixes_file_is_one_line_before_any_training(tmp_path, content, says):
+    folder = make_image_folder(tmp_path / "d", ["a", "b"], 2)
+    fixes = tmp_path / "fixes.json"
+    if content == "EMPTY_VALID":
+        content = json.dumps({"exclude": sorted(p.relative_to(folder).as_posix()
+                                                for p in (folder / "valid").rglob("*.jpg"))})
+    fixes.write_text(content)
+    for command in (["train.py", str(folder), "--save_dir", str(tmp_path / "out"), "--fixes",
+                     str(fixes)], ["-m", "helpers", "doctor", str(folder), "--fixes", str(fixes)]):
+        done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1, done.stderr[-1500:]
+        assert lines[0].startswith(f"error: {fixes}: ") and says in lines[0], lines[0]
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+@pytest.mark.parametrize("content, says", [
+    ("{" + '"1": "a", ' * 2 + '"2": ' + "9" * 5000 + "}", "cannot be read as JSON"),
+    ("[" * 10_000 + "]" * 10_000, "nested too deep"),
+])
+def test_a_names_file_that_cannot_be_read_is_one_line(tmp_path, content, says):
+    folder = make_image_folder(tmp_path / "d", ["1", "2"], 2)
+    names = tmp_path / "names.json"
+    names.write_text(content)
+    done = subprocess.run([sys.executable, "train.py", str(folder), "--save_dir",
+                           str(tmp_path / "out"), "--category_names", str(names)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-1500:]
+    assert lines[0].startswith(f"error: {names}: ") and says in lines[0], lines[0]

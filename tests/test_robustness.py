@@ -96,13 +96,16 @@ def test_the_augmentation_changes_the_cached_views_keys(tmp_path, monkeypatch):
     spec = get_backbone("test_efficientnet")
     ds = image_folder(folder / "train")
     keys, backbone = {}, spec.build(False)
-    for augmentation in ("crop", "camera"):
+    for augmentation in ("crop", "camera", "mixed"):
         cache = ActivationCache(spec, backbone, tail_stages=1,
                                 device=torch.device("cpu"), engine="torch",
                                 augmentation=augmentation)
-        keys[augmentation] = (cache.key(ds, "aug1", 0), cache.key(ds, "centre", 0))
+        keys[augmentation] = (cache.key(ds, "aug1", 0), cache.key(ds, "centre", 0),
+                              cache.key(ds, "aug2", 0))
     assert keys["crop"][0] != keys["camera"][0]  # an augmented view: another key
     assert keys["crop"][1] == keys["camera"][1]  # the centre crop is the same view
+    # mixed: odd views are the crop views, even views the camera views (cached once each)
+    assert keys["mixed"][0] == keys["crop"][0] and keys["mixed"][2] == keys["camera"][2]
 
 
 def test_an_unknown_augmentation_is_one_line(tmp_path):
@@ -112,7 +115,7 @@ def test_an_unknown_augmentation_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "train.py", str(folder), "--augmentation", "fog"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "invalid choice: 'fog'" in done.stderr
-    with pytest.raises(Exception, match="augmentation must be crop or camera"):
+    with pytest.raises(Exception, match="augmentation must be crop, camera or mixed"):
         from helpers.config import settle
 
         settle({"augmentation": "fog"}, device_type="cpu")

@@ -66,10 +66,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
            help=f"samples per step and process (default {DEFAULTS.batch_size}); under "
                 "torchrun with N processes a step takes N x that, and learning rates are not "
                 "scaled: N processes of batch b train as one process of batch N x b")
-    option("augmentation", choices=["crop", "camera"],
+    option("augmentation", choices=["crop", "camera", "mixed"],
            help=f"training augmentation (default {DEFAULTS.augmentation}): crop is random "
                 "crops, flips and small rotations; camera adds the shifts of phone photos "
-                "(zoomed out, tilted, blur, shake, low resolution, JPEG, noise, light, colour)")
+                "(zoomed out, tilted, blur, shake, low resolution, JPEG, noise, light, "
+                "colour); mixed is half one, half the other (by view in the cached recipe)")
     option("seed", type=int,
            help=f"random seed of weights, views and order (default {DEFAULTS.seed})")
     p.add_argument("--fp32", action="store_true",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -228,3 +229,33 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
+
+
+JSON_LIMIT = 64 << 20  # bytes: a names, fixes or settings file is a few kB
+
+
+def read_json(path: str | os.PathLike, *, what: str, error: type[UserError] = UserError,
+              limit: int = JSON_LIMIT) -> Any:
+    """The decoded JSON of a file a user gives (a BOM is fine), or one line naming the file
+    and what is wrong: missing, not a regular file, too large, not UTF-8, not JSON, numbers
+    too long or arrays nested too deep to read. `what` names the file in the message."""
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise error(f"{path}: not a regular file; give a {what} (JSON)")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    if len(data) > limit:
+        raise error(f"{path}: over {limit >> 20} MB, too large for a {what}")
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); fix the "
+                    f"{what}") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON ({err}); fix the {what}") from None
+    except (ValueError, RecursionError) as err:  # a 5,000-digit number; arrays 10^4 deep
+        reason = "nested too deep" if isinstance(err, RecursionError) else str(err).split(";")[0]
+        raise error(f"{path}: cannot be read as JSON ({reason}); fix the {what}") from None

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from helpers.core.errors import FixesError
-from helpers.core.files import atomic_write_bytes
+from helpers.core.files import atomic_write_bytes, read_json
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ def _clean_path(path: Any, source: str) -> str:
         raise FixesError(f"{source}: {path!r} is not a path; give paths relative to the data "
                          "folder, like train/1/image_06734.jpg")
     pure = PurePosixPath(path.replace("\\", "/"))
+    long = next((part for part in pure.parts if len(part.encode()) > 255), None)
+    if long is not None:
+        raise FixesError(f"{source}: {long[:40]}... ({len(long.encode())} bytes) is longer "
+                         "than a file name can be (255); correct the path or remove it")
     if pure.is_absolute() or ".." in pure.parts or os.path.isabs(path):
         raise FixesError(f"{source}: {path} is not inside the data folder; give paths relative "
                          "to it, like train/1/image_06734.jpg")
@@ -66,13 +70,10 @@ def parse_fixes(values: Any, *, source: str = "fixes") -> Fixes:
 def read_fixes(path: str | os.PathLike) -> Fixes:
     """The fixes file at `path`, checked for shape; a one-line FixesError names what is wrong."""
     path = Path(path)
-    try:
-        values = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
+    if not path.exists():
         raise FixesError(f"{path}: no such fixes file; write one with `python -m helpers doctor` "
-                         "hints or helpers.data.fixes.write_fixes") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FixesError(f"{path}: not valid JSON ({err}); fix the fixes file") from None
+                         "hints or helpers.data.fixes.write_fixes")
+    values = read_json(path, what="fixes file", error=FixesError)
     return parse_fixes(values, source=str(path))
 
 
@@ -135,6 +136,10 @@ def apply_fixes_to_sets(sets: Mapping[str, Any], *, fixes: Fixes,
         ds.samples = ds.imgs = apply_fixes(ds.samples, fixes=fixes, root=root,
                                            class_to_idx=classes, check=False)
         ds.targets = [label for _, label in ds.samples]
+    emptied = next((split for split, ds in sets.items() if not ds.samples), None)
+    if emptied is not None:
+        raise FixesError(f"{fixes.source}: the fixes leave no photo in {emptied}/; exclude "
+                         f"fewer of its photos, or remove the {emptied}/ folder")
     left_out = before - sum(len(ds.samples) for ds in sets.values())
     return (f"fixes from {fixes.source}: {left_out} photo(s) left out, "
             f"{len(fixes.relabel)} relabelled")

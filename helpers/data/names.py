@@ -5,12 +5,12 @@ Torch-free, so that `predict.py --category_names` answers without importing torc
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
 
 from helpers.core.errors import DataError
+from helpers.core.files import read_json
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FLOWER_NAMES = PROJECT_ROOT / "cat_to_name.json"
@@ -19,12 +19,9 @@ FLOWER_NAMES = PROJECT_ROOT / "cat_to_name.json"
 def load_category_names(path: str | os.PathLike | None = None) -> dict[str, str]:
     """Class folder -> flower name from a JSON file (default: the project's cat_to_name.json)."""
     path = Path(path) if path else FLOWER_NAMES
-    try:
-        names = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is fine
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such names file; give a JSON file of class -> name") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err}); fix or remove the names file") from None
+    if not path.exists():
+        raise DataError(f"{path}: no such names file; give a JSON file of class -> name")
+    names = read_json(path, what="names file", error=DataError)  # a BOM is fine
     if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
         raise DataError(f'{path}: expected a JSON object like {{"1": "pink primrose"}}')
     return {str(k): v for k, v in names.items()}

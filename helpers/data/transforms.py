@@ -9,13 +9,17 @@ from torchvision.transforms import InterpolationMode
 from helpers.data.augment import CameraShake, ZoomOut
 from helpers.data.preprocess import Preprocess
 
-AUGMENTATIONS = ("crop", "camera")  # TrainConfig.augmentation
+AUGMENTATIONS = ("crop", "camera", "mixed")  # TrainConfig.augmentation
 
 
 def train_transform(spec: Preprocess, *, augmentation: str = "crop") -> transforms.Compose:
     """Augmentation for training: small rotation, random resized crop, horizontal flip; with
     "camera", also the flower zoomed out in its surroundings, larger tilts, and the blur,
-    shake, low resolution, compression, noise, light and colour of phone photos."""
+    shake, low resolution, compression, noise, light and colour of phone photos; "mixed",
+    one or the other at random (the cached recipe alternates them by view instead)."""
+    if augmentation == "mixed":
+        return transforms.RandomChoice([train_transform(spec, augmentation="crop"),
+                                        train_transform(spec, augmentation="camera")])
     if augmentation == "camera":
         return transforms.Compose([
             ZoomOut(),

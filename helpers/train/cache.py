@@ -87,6 +87,8 @@ def view_transform(spec: Preprocess, view: str, *,
         # mirrored after the crop: exactly the mirror image of the centre view
         return transforms.Compose([*eval_transform(spec).transforms,
                                    transforms.RandomHorizontalFlip(p=1.0)])
+    if augmentation == "mixed":  # odd views cropped, even views camera-shifted
+        augmentation = "camera" if int(view.removeprefix("aug")) % 2 == 0 else "crop"
     return train_transform(spec, augmentation=augmentation)
 
 
