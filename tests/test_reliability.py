@@ -447,8 +447,11 @@ def test_a_bad_fixes_file_is_one_line_before_any_training(tmp_path, content, say
         content = json.dumps({"exclude": sorted(p.relative_to(folder).as_posix()
                                                 for p in (folder / "valid").rglob("*.jpg"))})
     fixes.write_text(content)
-    for command in (["train.py", str(folder), "--save_dir", str(tmp_path / "out"), "--fixes",
-                     str(fixes)], ["-m", "helpers", "doctor", str(folder), "--fixes", str(fixes)]):
+    commands = [["train.py", str(folder), "--save_dir", str(tmp_path / "out"), "--fixes",
+                 str(fixes)]]
+    if says != "the fixes leave no photo in valid/":  # the doctor examines an emptied split
+        commands.append(["-m", "helpers", "doctor", str(folder), "--fixes", str(fixes)])
+    for command in commands:
         done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
         lines = done.stderr.strip().splitlines()
