@@ -182,7 +182,7 @@ def test_notebook_runs_in_jupyterlab_and_draws_charts(lab: tuple[str, Path],
 
             # Fold the file browser away and show the sanity-check grid, the chart worth seeing.
             page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").click()
-            sanity = page.locator(".jp-CodeCell", has_text="plot_prediction_grid")
+            sanity = page.locator(".jp-CodeCell", has_text="plot_prediction_grid").first
             sanity.scroll_into_view_if_needed()
             page.wait_for_timeout(1000)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
