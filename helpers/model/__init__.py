@@ -1,1 +1,1 @@
-"""model"""
+"""The classifier: pretrained backbones, the new head, checkpoints."""

@@ -1,1 +1,1 @@
-"""train"""
+"""Training: plans, the one loop, the recipes, the activation cache, calibration, a whole run."""
