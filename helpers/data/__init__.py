@@ -1,1 +1,2 @@
-"""Photos and folders: finding and opening images, the preprocessing spec, transforms, splits, names, fixes, downloads."""
+"""Photos and folders: opening images, the preprocessing spec, transforms, splits, names,
+fixes, downloads."""
