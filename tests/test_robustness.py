@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,19 +52,13 @@ def test_shifted_copies_are_made_once_and_seeded_by_name(tmp_path):
     samples = sorted((str(p), 0) for p in (folder / "valid").rglob("*.jpg"))
     out = tmp_path / "copies"
     first = shifted_copies(samples, folder=out, shift="zoomed_out", severity=2)
-    stamps = [Path_(p).stat().st_mtime_ns for p, _ in first]
+    stamps = [Path(p).stat().st_mtime_ns for p, _ in first]
     again = shifted_copies(samples, folder=out, shift="zoomed_out", severity=2)
-    assert first == again and stamps == [Path_(p).stat().st_mtime_ns for p, _ in again]
+    assert first == again and stamps == [Path(p).stat().st_mtime_ns for p, _ in again]
     assert seed_of(samples[0][0], shift="jpeg", severity=1) != seed_of(
         samples[1][0], shift="jpeg", severity=1)
     assert seed_of("x/a/1.jpg", shift="jpeg", severity=1) == seed_of(
         "elsewhere/a/1.jpg", shift="jpeg", severity=1)
-
-
-def Path_(p):  # noqa: N802 (a local alias: pathlib's Path of a string)
-    from pathlib import Path
-
-    return Path(p)
 
 
 def test_camera_augmentation_shapes_range_and_seeding():
