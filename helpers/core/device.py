@@ -1,8 +1,8 @@
-"""What every stage needs at run time, in one place: device, seeding, mixed precision, files
-written whole or not at all, a stop flag for signals, and progress that suits the output.
+"""What every stage needs while it computes, in one place: device, seeding, mixed precision,
+the CPU's flags, a stop flag for signals, and progress that suits the output.
 
-The bottom layer of `helpers/`: it imports no other module of the package, and torch only
-inside the functions that need it, so that the torch-free prediction path can use it too.
+In the bottom layer of `helpers/` (core): torch is imported only inside the functions that
+need it, so that the torch-free prediction path can use the rest.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 each cached file (checked before use; a damaged file is deleted and rebuilt), output folders
 checked before work starts, and the lock that lets one run at a time save into a folder.
 
-Torch-free, at the bottom of `helpers/` beside runtime.py, so that the prediction engine
-and the command lines use it without importing torch.
+Also: every file written whole or not at all (atomic writes, a full disk one line), with
+the mode a plain open() gives, and one reader for the JSON files users give. Torch-free, in
+the bottom layer (core), so that the prediction engine and the command lines use it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""FROM evaluate"""
+"""Where a trained classifier fails: the confusion matrix and its clustered order, per-class
+accuracy and the worst classes, the most confused pairs, the highest-loss samples. They take
+class probabilities (N x C) and labels (N), as NumPy arrays or tensors."""
 
 from __future__ import annotations
 
