@@ -9,7 +9,7 @@ resume from the last whole epoch, as after Ctrl-C. A rank stuck in a collective 
 torchrun's SIGTERM comes leaves by itself after STUCK_GRACE seconds, before torchrun's
 SIGKILL (30 s later), with one line too.
 
-Torch is imported only inside the methods, as in runtime.py: one process never needs it.
+Torch is imported only inside the methods, as in device.py: one process never needs it.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ class Classifier(nn.Module):
         self.class_to_idx = dict(class_to_idx)
         self.idx_to_class = {i: c for c, i in class_to_idx.items()}
         self.class_names = list(class_names)
-        # Set on the valid split after training (evaluate.calibrate), saved in the checkpoint:
+        # Set on the valid split after training (calibration.calibrate), saved in the checkpoint:
         # predict divides the logits by the temperature; a top probability below
         # unsure_below marks the prediction unsure (0.0: never).
         self.temperature = 1.0
