@@ -58,6 +58,8 @@ def test_interleaved_saves_never_pair_an_engine_with_another_checkpoint(folder, 
 
     def write_then_let_b_save(data, target):
         done = real_write(data, target)
+        if Path(target) != path:  # the engine's cached copy, or the engine beside it
+            return done
         order.append("A checkpoint")
         if len(order) == 1:  # A's checkpoint is in place: B saves whole before A's engine
             monkeypatch.setattr(inference, "atomic_write_bytes", real_write)
@@ -74,21 +76,25 @@ def test_interleaved_saves_never_pair_an_engine_with_another_checkpoint(folder, 
     assert open_engine(path).class_ids == ["x", "y", "z", "w"]
 
 
-def test_a_foreign_engine_with_the_hash_copied_in_is_not_trusted(folder, tmp_path, capsys):
-    four = inference.save_model(_model(["a", "b", "c", "d"], 2), tmp_path / "four.pth")
-    three = inference.save_model(_model(["a", "b", "c"], 3), tmp_path / "three.pth")
+def test_a_forged_engine_with_every_metadata_entry_copied_is_not_trusted(folder, tmp_path,
+                                                                          capsys):
+    """Another model's graph (the same classes, or another count of outputs) given every
+    metadata entry of the real engine, saved in its place: rebuilt, never answering."""
     import onnx
 
-    proto = onnx.load(engine_path(three))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    meta["checkpoint_sha256"] = file_sha256(four)  # vouches for the other checkpoint
-    save_with_metadata(proto, engine_path(four), meta)
-    assert read_header(engine_path(four))[0]["checkpoint_sha256"] == file_sha256(four)
-    assert open_engine(four) is None
-    answer = _predict(folder / "test" / "b" / "img_1.jpg", four, capsys)
-    assert {p["class"] for p in answer["predictions"]} == {"a", "b", "c", "d"}
-    saved = torch.load(four, weights_only=True)
-    assert saved["engine_key"] == open_engine(four).weights_sha256  # the checkpoint names it
+    real = inference.save_model(_model(["a", "b", "c", "d"], 2), tmp_path / "real.pth")
+    image = folder / "test" / "b" / "img_1.jpg"
+    truth = _predict(image, real, capsys)
+    real_meta = {p.key: p.value for p in onnx.load(engine_path(real)).metadata_props}
+    for classes in (["a", "b", "c", "d"], ["a", "b", "c"], list("abcdefghij")):
+        other = inference.save_model(_model(classes, 3), tmp_path / f"other{len(classes)}.pth")
+        proto = onnx.load(engine_path(other))
+        save_with_metadata(proto, engine_path(real), real_meta)  # every entry copied
+        assert read_header(engine_path(real))[0] == real_meta
+        assert open_engine(real) is None
+        assert _predict(image, real, capsys) == truth  # the real model's answer, rebuilt
+    saved = torch.load(real, weights_only=True)
+    assert saved["engine_sha256"] == file_sha256(engine_path(real))
 
 
 def test_one_run_per_save_folder(folder, tmp_path, capsys):

@@ -50,22 +50,27 @@ def list_images(folder: Path) -> list[Path]:
     return found
 
 
-def _result(path: Path, logits, engine: Engine, top_k: int) -> dict:
-    """One image's JSON result: its top-K, whether unsure, or the error that stopped it."""
-    if isinstance(logits, ImageError):
-        return {"image": str(path), "error": str(logits)}
-    answers = engine.answer(logits[None], topk=top_k)
+def _result(path: Path, scores, engine: Engine, top_k: int) -> dict:
+    """One image's JSON result: its top-K, whether unsure, whether known and its novelty
+    (null for a model without a known verdict), or the error that stopped it."""
+    if isinstance(scores, ImageError):
+        return {"image": str(path), "error": str(scores)}
+    answers = engine.answer(scores, topk=top_k)
     r = engine.prediction(answers)
     return {"image": str(path), "predictions": [
         {"name": n, "class": c, "probability": round(p, 6)}
         for p, c, n in zip(r.probs, r.classes, r.names, strict=True)],
-        "unsure": bool(answers.unsure[0])}
+        "unsure": bool(answers.unsure[0]), "known": r.known,
+        "novelty": None if r.novelty is None else round(r.novelty, 4)}
 
 
 def _print_text(item: dict, engine: Engine, *, many: bool) -> None:
     """One result as text lines (the image's path first when there are several)."""
     if many:
         print(item["image"])
+    if item["known"] is False:
+        print(f"not a flower I know (closest: {item['predictions'][0]['name']}; novelty "
+              f"{item['novelty']:.1f} above the threshold {engine.novel_above:.1f})")
     for rank, pred in enumerate(item["predictions"], 1):
         print(f"{rank}. {pred['name']}  {pred['probability']:.2%}  (class {pred['class']})")
     if item["unsure"]:
@@ -93,8 +98,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     failed = 0
     if args.json and many:
         print("[", flush=True)
-    for n, (path, logits) in enumerate(engine.run_paths(paths)):
-        item = _result(path, logits, engine, args.top_k)
+    for n, (path, scores) in enumerate(engine.run_paths(paths)):
+        item = _result(path, scores, engine, args.top_k)
         if "error" in item:
             failed += 1
             print(f"error: {item['error']}", file=sys.stderr, flush=True)
@@ -124,7 +129,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     m = evaluate_model(engine, dataset.samples)
     for _, why in m["bad"]:
         print(f"error: {why}", file=sys.stderr)
-    print(f"top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  ({m['n']} images"
+    known = ("" if m["not_known"] is None
+             else f"  not known {m['not_known']:.2%}")
+    print(f"top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}{known}  ({m['n']} images"
           + (f", {len(m['bad'])} unreadable left out)" if m["bad"] else ")"))
     if m["bad"] and args.strict:
         raise UserError(f"{len(m['bad'])} images could not be read (--strict)")

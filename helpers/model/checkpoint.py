@@ -45,6 +45,9 @@ def checkpoint_dict(model: Classifier, *, config: Any = None,
         "interpolation": spec.interpolation,
         "temperature": float(getattr(model, "temperature", 1.0)),
         "unsure_below": float(getattr(model, "unsure_below", 0.0)),
+        **({"novel_above": float(model.novel_above)} if math.isfinite(model.novel_above)
+           else {}),
+        "taught": list(model.taught),
         "config": asdict(config) if config is not None else {},
         "metrics": dict(metrics or {}),
         "versions": {"helpers": __version__, "torch": str(torch.__version__),
@@ -143,6 +146,19 @@ def _check_fields(ckpt: dict[str, Any], path: Path) -> None:
     unsure = ckpt.get("unsure_below", 0.0)
     if not isinstance(unsure, int | float) or not 0.0 <= unsure <= 1.0:
         raise bad("unsure_below", f"is {unsure!r}, not a probability")
+    novel = ckpt.get("novel_above", math.inf)
+    if not isinstance(novel, int | float) or math.isnan(novel) or novel < 0:
+        raise bad("novel_above", f"is {novel!r}, not a distance")
+    taught = ckpt.get("taught", [])
+    if not isinstance(taught, list) or not all(t in mapping for t in taught):
+        raise bad("taught", "is not a list of the model's class folders")
+    novelty = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("novelty.")}
+    if novelty:
+        whiten, means = novelty.get("novelty.whiten"), novelty.get("novelty.means")
+        if (not isinstance(whiten, torch.Tensor) or not isinstance(means, torch.Tensor)
+                or whiten.dim() != 2 or means.dim() != 2 or whiten.shape[0] != whiten.shape[1]
+                or (whiten.numel() and means.shape != (len(mapping), whiten.shape[0]))):
+            raise bad("state_dict", "holds a novelty score whose shapes do not fit the classes")
 
 
 def load_checkpoint(path: str | os.PathLike,
@@ -156,8 +172,13 @@ def load_checkpoint(path: str | os.PathLike,
                             pretrained=False)
     except BackboneError as err:
         raise CheckpointError(f"{path}: {err}") from None
+    weights = dict(ckpt["state_dict"])
+    # The novelty score's buffers take their fitted shapes; a checkpoint saved before the
+    # known verdict existed has none (never "not a flower I know").
+    model.novelty.whiten = weights.pop("novelty.whiten", model.novelty.whiten).float()
+    model.novelty.means = weights.pop("novelty.means", model.novelty.means).float()
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        _load(model, weights)
     except (RuntimeError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit the {ckpt['arch']} model ({first})"
@@ -165,7 +186,17 @@ def load_checkpoint(path: str | os.PathLike,
     # Checkpoints written before calibration existed: plain softmax, never unsure.
     model.temperature = float(ckpt.get("temperature", 1.0))
     model.unsure_below = float(ckpt.get("unsure_below", 0.0))
+    model.novel_above = float(ckpt.get("novel_above", math.inf))
+    model.taught = list(ckpt.get("taught", []))
     return model.to(device).eval(), ckpt
+
+
+def _load(model: Classifier, weights: dict[str, torch.Tensor]) -> None:
+    """Every weight but the novelty score's (set before), strictly."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.startswith("novelty.")]
+    if missing or unexpected:
+        raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
 
 
 def read_resume(path: str | os.PathLike, *, identity: dict[str, Any] | None = None,

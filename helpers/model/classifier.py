@@ -12,6 +12,7 @@ from helpers.config import TrainConfig
 from helpers.core.device import seed_everything
 from helpers.data.preprocess import Preprocess
 from helpers.model.backbones import Backbone, get_backbone
+from helpers.model.novelty import Novelty
 
 
 def build_head(in_features: int, num_classes: int, *, hidden_units: int = 512,
@@ -44,6 +45,22 @@ class Classifier(nn.Module):
         # unsure_below marks the prediction unsure (0.0: never).
         self.temperature = 1.0
         self.unsure_below = 0.0
+        # The known verdict (novelty.py), fitted after training: a photo whose novelty is
+        # above novel_above is "not a flower I know" (inf: never, as before it was fitted).
+        self.novelty = Novelty()
+        self.novel_above = float("inf")
+        self.taught: list[str] = []  # class folders added by `teach`, not by training
+
+    def features(self, x: Tensor) -> Tensor:
+        """The backbone's pooled feature vectors of a batch of images."""
+        return self.backbone(x)
+
+    def scored(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Class scores (logits) and novelty (higher = stranger) of a batch of images."""
+        features = self.backbone(x)
+        if not self.novelty.whiten.numel():  # not fitted: no known verdict
+            return self.head(features), features[:, 0] * 0.0
+        return self.head(features), self.novelty(features)
 
     def forward(self, x: Tensor) -> Tensor:
         """Class scores (logits) of a batch of images."""

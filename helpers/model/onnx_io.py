@@ -21,8 +21,9 @@ def quiet() -> contextlib.ExitStack:
     return stack
 
 
-def onnx_bytes(module: nn.Module, example: torch.Tensor, *, output: str) -> bytes:
-    """The module as ONNX bytes (weights inside), input "images" with a dynamic batch.
+def onnx_bytes(module: nn.Module, example: torch.Tensor, *, outputs: list[str]) -> bytes:
+    """The module as ONNX bytes (weights inside), input "images" with a dynamic batch, its
+    outputs named `outputs`.
 
     The TorchScript exporter takes 3 s for EfficientNet-Lite0 here, the dynamo exporter 18 s;
     the first is used while this torch has it, else the second (both are checked against
@@ -33,10 +34,11 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor, *, output: str) -> byte
         path = Path(tmp) / "model.onnx"
         try:
             torch.onnx.export(module, (example,), path, dynamo=False, input_names=["images"],
-                              output_names=[output], dynamic_axes={"images": {0: "batch"}})
+                              output_names=outputs,
+                              dynamic_axes={"images": {0: "batch"}})
         except Exception:  # no TorchScript exporter in this torch: the dynamo one
             torch.onnx.export(module, (example,), path, dynamo=True, verbose=False,
-                              input_names=["images"], output_names=[output],
+                              input_names=["images"], output_names=outputs,
                               dynamic_shapes=({0: torch.export.Dim("batch")},),
                               external_data=False)
         return path.read_bytes()

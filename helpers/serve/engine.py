@@ -5,12 +5,13 @@ notebook's `predict` and `predict.py` all run it, so they agree on every image. 
 graph returns logits (run by OpenVINO where the trunk's measurement chose it on this CPU,
 else by ONNX Runtime); answers.answer turns them into calibrated probabilities, the top K
 and the unsure verdict. Its metadata carries what an answer needs: class folders and names,
-preprocessing, temperature, unsure threshold, and the sha256 of the checkpoint it was
-made from, so a stale engine beside a newer checkpoint is never used.
+preprocessing, temperature, the unsure and known thresholds; the checkpoint holds the
+sha256 of the engine's bytes, so only the engine saved with it answers for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -24,9 +25,9 @@ import numpy as np
 from PIL import Image
 
 from helpers.core.errors import ImageError
-from helpers.core.files import file_sha256, runtime_choice
+from helpers.core.files import runtime_choice
 from helpers.data.preprocess import Preprocess, process_image
-from helpers.serve.answers import Answers, Prediction, answer
+from helpers.serve.answers import Answers, Prediction, Scores, answer
 from helpers.serve.headers import checkpoint_facts, read_header
 
 ENGINE_SUFFIX = ".engine.onnx"
@@ -51,8 +52,8 @@ def chosen_runtime() -> str:
 
 
 def onnx_session(source: Path | bytes, *, runtime: str,
-                 threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A batch -> first output function of an ONNX file (or its bytes) on the CPU, in fp32:
+                 threads: int | None = None) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """A batch -> outputs function of an ONNX file (or its bytes) on the CPU, in fp32:
     ONNX Runtime
     (every graph optimisation) or OpenVINO (f32, not bf16; the latency hint puts every core
     on one request, where two throughput streams would halve a synchronous call)."""
@@ -64,12 +65,13 @@ def onnx_session(source: Path | bytes, *, runtime: str,
             config["INFERENCE_NUM_THREADS"] = threads
         core = ov.Core()
         model = core.read_model(source if isinstance(source, bytes) else str(source))
-        request = core.compile_model(model, "CPU",
-                                     config).create_infer_request()
+        compiled = core.compile_model(model, "CPU", config)
+        request = compiled.create_infer_request()
+        count = len(compiled.outputs)
 
-        def run(batch: np.ndarray) -> np.ndarray:
+        def run(batch: np.ndarray) -> list[np.ndarray]:
             request.infer({0: batch})
-            return request.get_output_tensor(0).data.copy()
+            return [request.get_output_tensor(i).data.copy() for i in range(count)]
 
         return run
     import onnxruntime as ort
@@ -81,7 +83,7 @@ def onnx_session(source: Path | bytes, *, runtime: str,
     session = ort.InferenceSession(source if isinstance(source, bytes) else str(source),
                                    options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
+    return lambda batch: session.run(None, {name: batch})
 
 
 class Engine:
@@ -101,20 +103,34 @@ class Engine:
         self.preprocess = Preprocess.from_metadata(meta)
         self.temperature = float(meta.get("temperature", 1.0))
         self.unsure_below = float(meta.get("unsure_below", 0.0))
-        self.checkpoint_sha256 = meta.get("checkpoint_sha256", "")
+        self.novel_above = float(meta.get("novel_above", "inf"))
+        self.taught: list[str] = json.loads(meta.get("taught", "[]"))
         self.weights_sha256 = meta.get("weights_sha256", "")
         self.input_name = inputs[0]
         self.runtime = runtime or chosen_runtime()
         self._run = onnx_session(self.source, runtime=self.runtime, threads=threads)
 
+    def scores(self, batch: np.ndarray) -> Scores:
+        """Raw class scores and novelty of a batch of preprocessed images (N x 3 x H x W)."""
+        outputs = self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        logits = outputs[0]
+        if logits.ndim != 2 or logits.shape[1] != len(self.class_ids):
+            raise ValueError(f"the engine answers {logits.shape[1:]} scores for "
+                             f"{len(self.class_ids)} classes: it is not this model's")
+        return Scores(logits, outputs[1].reshape(-1) if len(outputs) > 1 else None)
+
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw class scores of a batch of preprocessed images (N x 3 x H x W)."""
-        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        return self.scores(batch).logits
 
-    def answer(self, logits: np.ndarray, *, topk: int = 5) -> Answers:
-        """answers.answer with this model's temperature and unsure threshold."""
-        return answer(logits, temperature=self.temperature, unsure_below=self.unsure_below,
-                      topk=topk)
+    def answer(self, scores: Scores | np.ndarray, *, topk: int = 5) -> Answers:
+        """answers.answer with this model's temperature and thresholds (scores, or logits
+        alone: no known verdict)."""
+        if not isinstance(scores, Scores):
+            scores = Scores(np.asarray(scores), None)
+        return answer(scores.logits, temperature=self.temperature,
+                      unsure_below=self.unsure_below, novelty=scores.novelty,
+                      novel_above=self.novel_above, topk=topk)
 
     def prediction(self, answers: Answers, row: int = 0) -> Prediction:
         """One row of answers through this model's class folders and names."""
@@ -123,11 +139,11 @@ class Engine:
     def predict(self, image: str | os.PathLike | Image.Image, *, topk: int = 5) -> Prediction:
         """The top-K calibrated probabilities, class folders and names of one image."""
         batch = process_image(image, spec=self.preprocess)[None]
-        return self.prediction(self.answer(self.logits(batch), topk=topk))
+        return self.prediction(self.answer(self.scores(batch), topk=topk))
 
     def run_paths(self, paths: Iterable[str | os.PathLike], *, batch_size: int = 16,
-                  workers: int = 2) -> Iterator[tuple[Path, np.ndarray | ImageError]]:
-        """(path, logits) for every image in order, or (path, ImageError) for a bad one.
+                  workers: int = 2) -> Iterator[tuple[Path, Scores | ImageError]]:
+        """(path, scores) for every image in order, or (path, ImageError) for a bad one.
 
         Images are decoded and prepared in threads (PIL releases the GIL) while the model
         runs batches; a bad image never stops the others.
@@ -152,37 +168,66 @@ class Engine:
                     if following is not None:
                         pending.append((following, pool.submit(prepare, following)))
                 good = [x for _, x in chunk if not isinstance(x, ImageError)]
-                scores = iter(self.logits(np.stack(good)) if good else [])
+                scores = self.scores(np.stack(good)) if good else None
+                rows = iter(range(len(good)))
                 for path, x in chunk:
-                    yield path, x if isinstance(x, ImageError) else next(scores)
+                    yield path, x if isinstance(x, ImageError) else scores.row(next(rows))
+
+
+def bind(checkpoint_sha256: str, engine_sha256: str) -> None:
+    """Record, in this user's cache, that the engine with these bytes was rebuilt from the
+    checkpoint with these bytes (a checkpoint that names no engine, or another build's)."""
+    from helpers.core.files import atomic_write_bytes, cache_dir
+
+    try:
+        atomic_write_bytes(engine_sha256.encode(),
+                           cache_dir() / "engines" / f"bound-{checkpoint_sha256[:40]}")
+    except OSError:  # a read-only cache: the engine is rebuilt next time
+        pass
+
+
+def _bound(checkpoint_sha256: str) -> str:
+    """The sha256 of the engine last rebuilt from the checkpoint with these bytes, or ''."""
+    from helpers.core.files import cache_dir
+
+    try:
+        return (cache_dir() / "engines" / f"bound-{checkpoint_sha256[:40]}").read_text()
+    except OSError:
+        return ""
 
 
 def belongs_to(engine: Engine, checkpoint: str | os.PathLike, *, sha256: str) -> bool:
-    """True when the engine was made from the checkpoint whose bytes have this sha256, and the
-    checkpoint names this engine (its key) and the same classes in the same order."""
-    if not sha256 or engine.checkpoint_sha256 != sha256:
-        return False
+    """True when the engine file whose bytes have this sha256 is the checkpoint's: named by it
+    (saved with it by save_model) or rebuilt from it here (bind), with the same classes in the
+    same order."""
+    from helpers.core.files import file_sha256
+
     try:
         facts = checkpoint_facts(checkpoint)
     except ValueError:
         return False
     mapping = facts.get("class_to_idx")
-    if not isinstance(mapping, dict):
+    if not sha256 or not isinstance(mapping, dict):
+        return False
+    if facts.get("engine_sha256") != sha256 and _bound(file_sha256(checkpoint)) != sha256:
         return False
     class_ids = sorted(mapping, key=mapping.get)
-    return (class_ids == engine.class_ids and facts.get("class_names") == engine.class_names
-            and facts.get("engine_key", engine.weights_sha256) == engine.weights_sha256)
+    return class_ids == engine.class_ids and facts.get("class_names") == engine.class_names
 
 
 def open_engine(checkpoint: str | os.PathLike) -> Engine | None:
-    """The engine beside a checkpoint when it exists, loads and belongs to it (made from these
-    exact bytes, named by it, the same classes); None otherwise (missing, damaged, stale or
-    another model's: the caller rebuilds it)."""
+    """The engine beside a checkpoint when it exists, loads and belongs to it (the checkpoint
+    holds the sha256 of exactly these bytes); None otherwise (missing, damaged, stale, another
+    model's graph however its metadata reads, or a checkpoint saved before engines were named
+    by their bytes: the caller rebuilds it)."""
     path = engine_path(checkpoint)
     if not path.is_file():
         return None
     try:
-        engine = Engine(path)
+        data = path.read_bytes()  # read once: what is checked is what answers
+        engine = Engine(data)
     except Exception:  # damaged in any way ONNX Runtime can fail: rebuilt, never trusted
         return None
-    return engine if belongs_to(engine, checkpoint, sha256=file_sha256(checkpoint)) else None
+    engine.path = path
+    return engine if belongs_to(engine, checkpoint,
+                                sha256=hashlib.sha256(data).hexdigest()) else None

@@ -33,19 +33,33 @@ if TYPE_CHECKING:
     import onnx
 
 class Probabilities(nn.Module):
-    """The classifier, its temperature and a softmax: calibrated probabilities, as predict."""
+    """The classifier, its temperature and a softmax: calibrated probabilities, as predict;
+    and the novelty of each image beside them where the model's known verdict is fitted."""
 
-    def __init__(self, model: Classifier) -> None:
+    def __init__(self, model: Classifier, *, softmax: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.softmax = softmax
         self.temperature = float(getattr(model, "temperature", 1.0))
+        self.with_novelty = model.novelty.fitted
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Calibrated class probabilities of a batch of preprocessed images."""
-        logits = self.model(images)
-        if self.temperature != 1.0:  # no extra node in the graph of an uncalibrated model
-            logits = logits / self.temperature
-        return logits.softmax(dim=1)
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Calibrated class probabilities (or logits) of a batch of preprocessed images, and
+        their novelty where the model has a known verdict."""
+        if self.with_novelty:
+            logits, novelty = self.model.scored(images)
+        else:
+            logits, novelty = self.model(images), None
+        if self.softmax:
+            if self.temperature != 1.0:  # no extra node in the graph of an uncalibrated model
+                logits = logits / self.temperature
+            logits = logits.softmax(dim=1)
+        return (logits, novelty) if self.with_novelty else logits
+
+
+def output_names(model: Classifier, output: str) -> list[str]:
+    """The exported graph's outputs: the class scores, then "novelty" where fitted."""
+    return [output, "novelty"] if model.novelty.fitted else [output]
 
 
 def metadata(model: Classifier) -> dict[str, str]:
@@ -54,7 +68,9 @@ def metadata(model: Classifier) -> dict[str, str]:
             "class_ids": json.dumps([model.idx_to_class[i] for i in range(len(model.class_names))]),
             **model.preprocess.metadata(), "output": "probabilities",
             "temperature": repr(float(getattr(model, "temperature", 1.0))),
-            "unsure_below": repr(float(getattr(model, "unsure_below", 0.0)))}
+            "unsure_below": repr(float(getattr(model, "unsure_below", 0.0))),
+            "novel_above": repr(float(model.novel_above)),
+            "taught": json.dumps(list(model.taught))}
 
 
 def save_with_metadata(proto: onnx.ModelProto, path: str | os.PathLike,
@@ -84,9 +100,9 @@ def onnx_proto(model: Classifier, *, output: str = "probabilities",
 
     size = model.preprocess.input_size
     module = copy.deepcopy(model).float().cpu().eval()
-    wrapper = Probabilities(module) if output == "probabilities" else module
+    wrapper = Probabilities(module, softmax=output == "probabilities")
     proto = onnx.load_from_string(onnx_bytes(wrapper, torch.zeros(2, 3, size, size),
-                                             output=output))
+                                             outputs=output_names(model, output)))
     for key, value in (metadata(model) | {"output": output} | (extra or {})).items():
         proto.metadata_props.add(key=key, value=value)
     return proto
@@ -187,6 +203,7 @@ def export_torch(model: Classifier, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     size = model.preprocess.input_size
     wrapper = Probabilities(copy.deepcopy(model).float().cpu().eval())
+    wrapper.with_novelty = False  # TorchScript and torch.export: the probabilities alone
     example = torch.zeros(2, 3, size, size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -2,7 +2,7 @@
 
 `engine_for(model)` exports a model in memory once (cached by its weights) and returns its
 engine, carrying the model's current temperature and threshold; `save_model` writes the
-checkpoint and its engine beside it; `logits_of` runs the engine over a dataset. Every
+checkpoint and its engine beside it; `scores_of` runs the engine over a dataset. Every
 reported figure of a trained model comes through here, so all agree on every image.
 """
 
@@ -22,7 +22,8 @@ from helpers.core.errors import DiskFullError, ImageError
 from helpers.core.files import atomic_write_bytes, cache_dir, is_intact, seal
 from helpers.model.checkpoint import checkpoint_dict, encode_checkpoint
 from helpers.model.classifier import Classifier, weights_digest
-from helpers.serve.engine import Engine, engine_path
+from helpers.serve.answers import Scores
+from helpers.serve.engine import Engine, bind, engine_path
 from helpers.serve.export import onnx_proto, save_with_metadata
 
 _LOADED: dict[str, Engine] = {}  # engines by weights digest, so a session is made once
@@ -58,6 +59,7 @@ def engine_for(model: Classifier) -> Engine:
         _LOADED[digest] = engine
     engine.temperature = float(model.temperature)
     engine.unsure_below = float(model.unsure_below)
+    engine.novel_above = float(model.novel_above)
     return engine
 
 
@@ -66,14 +68,9 @@ def why(err: OSError) -> str:
     return (err.strerror or str(err)).lower()
 
 
-def write_engine(model: Classifier, checkpoint: str | os.PathLike, *,
-                 checkpoint_sha256: str) -> Engine:
-    """The engine beside a saved checkpoint, stamped with the sha256 of the checkpoint's bytes
-    (as this process wrote or read them), and loaded.
-
-    Where it cannot be written (a read-only or full folder) one warning says so and the
-    engine answers from memory.
-    """
+def engine_bytes(model: Classifier) -> bytes:
+    """The bytes of a model's engine file: its graph with the model's current labels,
+    preprocessing, temperature and thresholds in the metadata."""
     import onnx
 
     engine = engine_for(model)
@@ -81,18 +78,32 @@ def write_engine(model: Classifier, checkpoint: str | os.PathLike, *,
     values = {p.key: p.value for p in proto.metadata_props}
     values |= {"temperature": repr(float(model.temperature)),
                "unsure_below": repr(float(model.unsure_below)),
-               "checkpoint_sha256": checkpoint_sha256}
+               "novel_above": repr(float(model.novel_above))}
+    del proto.metadata_props[:]
+    for key, value in values.items():
+        proto.metadata_props.add(key=key, value=value)
+    return proto.SerializeToString()
+
+
+def write_engine(model: Classifier, checkpoint: str | os.PathLike, *,
+                 data: bytes | None = None, checkpoint_sha256: str | None = None) -> Engine:
+    """The engine (its bytes: `data`, else made now) beside a saved checkpoint, and loaded;
+    rebuilt for the checkpoint with bytes `checkpoint_sha256`, it is bound to them (bind).
+
+    Where it cannot be written (a read-only or full folder) one warning says so and the
+    engine answers from memory.
+    """
+    data = engine_bytes(model) if data is None else data
+    if checkpoint_sha256:
+        bind(checkpoint_sha256, hashlib.sha256(data).hexdigest())
     try:
-        return Engine(save_with_metadata(proto, engine_path(checkpoint), values))
+        return Engine(atomic_write_bytes(data, engine_path(checkpoint)))
     except OSError as err:
         if isinstance(err, DiskFullError) or not is_unwritable(err):
             raise
         warnings.warn(f"cannot save the prediction engine beside {checkpoint} ({why(err)}); "
                       "answering from an engine held in memory", stacklevel=2)
-        del proto.metadata_props[:]
-        for key, value in values.items():
-            proto.metadata_props.add(key=key, value=value)
-        return Engine(proto.SerializeToString())
+        return Engine(data)
 
 
 def is_unwritable(err: OSError) -> bool:
@@ -103,32 +114,45 @@ def is_unwritable(err: OSError) -> bool:
 
 def save_model(model: Classifier, path: str | os.PathLike, *, config: Any = None,
                metrics: dict[str, Any] | None = None) -> Path:
-    """Save the checkpoint, naming its engine, and the engine beside it, bound to the bytes
-    written here (another run saving into the same folder can never pair them wrongly)."""
+    """Save the checkpoint and its engine beside it; the checkpoint holds the sha256 of the
+    engine's bytes, so only this engine (never another model's graph given its metadata, nor
+    one another run saved) answers for it."""
     path = Path(path)
+    engine = engine_bytes(model)
     ckpt = checkpoint_dict(model, config=config, metrics=metrics)
     ckpt["engine_key"] = engine_key(model)
-    data = encode_checkpoint(ckpt, suffix=path.suffix)
-    atomic_write_bytes(data, path)
-    write_engine(model, path, checkpoint_sha256=hashlib.sha256(data).hexdigest())
+    ckpt["engine_sha256"] = hashlib.sha256(engine).hexdigest()
+    atomic_write_bytes(encode_checkpoint(ckpt, suffix=path.suffix), path)
+    write_engine(model, path, data=engine)
     return path
 
 
 def logits_of(model: Classifier | Engine, samples: list[tuple[str, int]],
               ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Logits and labels of (path, label) samples through the engine, and the bad files.
+    """Logits and labels of (path, label) samples through the engine, and the bad files."""
+    scores, labels, bad = scores_of(model, samples)
+    return scores.logits, labels, bad
+
+
+def scores_of(model: Classifier | Engine, samples: list[tuple[str, int]],
+              ) -> tuple[Scores, np.ndarray, list[tuple[str, str]]]:
+    """Scores (logits, novelty) and labels of (path, label) samples through the engine, and
+    the bad files.
 
     A file that cannot be read is left out and listed as (path, why); the others are kept.
     """
     engine = model if isinstance(model, Engine) else engine_for(model)
     labels = dict(samples)
-    logits, kept, bad = [], [], []
+    logits, novelty, kept, bad = [], [], [], []
     for path, result in engine.run_paths([p for p, _ in samples]):
         if isinstance(result, ImageError):
             bad.append((str(path), str(result)))
         else:
-            logits.append(result)
+            logits.append(result.logits[0])
+            novelty.append(None if result.novelty is None else result.novelty[0])
             kept.append(labels[str(path)])
     if not logits:
-        return np.zeros((0, len(engine.class_names)), np.float32), np.zeros(0, np.int64), bad
-    return np.stack(logits), np.asarray(kept, dtype=np.int64), bad
+        empty = Scores(np.zeros((0, len(engine.class_names)), np.float32), None)
+        return empty, np.zeros(0, np.int64), bad
+    scores = Scores(np.stack(logits), None if novelty[0] is None else np.asarray(novelty))
+    return scores, np.asarray(kept, dtype=np.int64), bad

@@ -16,7 +16,7 @@ from scipy.special import log_softmax
 
 from helpers.model.classifier import Classifier
 from helpers.serve.answers import answer
-from helpers.serve.inference import logits_of
+from helpers.serve.inference import scores_of
 from helpers.train.evaluate import (
     ArrayLike,
     as_arrays,
@@ -115,9 +115,23 @@ def judge(logits: ArrayLike, labels: ArrayLike, *, temperature: float) -> dict[s
             "reliability_after": reliability(scaled, labels)}
 
 
+KEEP_KNOWN = 0.95  # the share of valid flowers the known verdict keeps (the issue's target)
+
+
+def choose_novel_above(novelty: ArrayLike, *, keep: float = KEEP_KNOWN) -> float:
+    """The novelty above which a photo is "not a flower I know": the `keep` quantile of the
+    valid flowers' novelty (a share 1 - keep of them is flagged)."""
+    return float(np.quantile(to_numpy(novelty), keep, method="higher"))
+
+
 def calibrate_on(model: Classifier, samples: list[tuple[str, int]], *,
                  target_accuracy: float = 0.99) -> dict[str, Any]:
     """calibrate on the logits of (path, label) samples (the valid split) through the
-    model's engine, the path every answer takes."""
-    logits, labels, _ = logits_of(model, samples)
-    return calibrate(model, logits, labels, target_accuracy=target_accuracy)
+    model's engine, the path every answer takes; and, where the model has a novelty score,
+    its known threshold on the same photos."""
+    scores, labels, _ = scores_of(model, samples)
+    facts = calibrate(model, scores.logits, labels, target_accuracy=target_accuracy)
+    if scores.novelty is not None and "skipped" not in facts:
+        model.novel_above = choose_novel_above(scores.novelty)
+        facts |= {"novel_above": model.novel_above, "known_kept": KEEP_KNOWN}
+    return facts

@@ -15,7 +15,7 @@ import torch
 from helpers.model.classifier import Classifier
 from helpers.serve.answers import Answers, answer
 from helpers.serve.engine import Engine
-from helpers.serve.inference import logits_of
+from helpers.serve.inference import scores_of
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -86,8 +86,13 @@ def topk_accuracy(probs: ArrayLike, labels: ArrayLike) -> dict[str, float]:
 def evaluate_model(model: Classifier | Engine, samples: list[tuple[str, int]],
                    ) -> dict[str, Any]:
     """Top-1/top-5, calibrated loss and ECE of a trained model on (path, label) samples,
-    through its engine; unreadable images are left out and listed under "bad"."""
-    logits, labels, bad = logits_of(model, samples)
-    probs = answer(logits, temperature=model.temperature).probs
+    through its engine, and the share of them called "not a flower I know" (None without a
+    known verdict); unreadable images are left out and listed under "bad"."""
+    scores, labels, bad = scores_of(model, samples)
+    answers = answer(scores.logits, temperature=model.temperature, novelty=scores.novelty,
+                     novel_above=model.novel_above)
+    probs = answers.probs
+    flagged = (None if answers.known is None or not len(labels)
+               else float((~answers.known).mean()))
     return {**topk_accuracy(probs, labels), "ece": expected_calibration_error(probs, labels),
-            "bad": bad}
+            "not_known": flagged, "bad": bad}

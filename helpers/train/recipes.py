@@ -31,6 +31,7 @@ from helpers.data.transforms import eval_transform, train_transform
 from helpers.model.classifier import Classifier
 from helpers.train.cache import ActivationCache
 from helpers.train.cached_recipe import cached_plan
+from helpers.train.known import fit_known
 from helpers.train.calibration import calibrate_on
 from helpers.train.evaluate import topk_accuracy
 from helpers.train.loop import fit, predict_probs
@@ -156,6 +157,8 @@ def run_recipe(model: Classifier, sets: dict[str, datasets.ImageFolder], config:
                   dist=dist)
     finish_training(model, plan)
     timings = _phase_seconds(history, cache)
+    if dist is None or dist.is_main:
+        timings["fit_known"] = fit_known(model, sets["train"], device, cache=cache)["seconds"]
     tic = time.perf_counter()
     calibration = {}
     if "valid" in sets and (dist is None or dist.is_main):

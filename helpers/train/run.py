@@ -244,6 +244,7 @@ def _final(first_model: Classifier, found: DataSplits, config: TrainConfig,
                identity={"run_id": uuid.uuid4().hex, "final": True}, final=True,
                first_state=first_state)
     final.temperature, final.unsure_below = first_model.temperature, first_model.unsure_below
+    final.novel_above = first_model.novel_above  # its novelty is fitted on train+valid
     metrics = {"first_run": {k: first[k] for k in ("valid", "test", "calibration") if k in first},
                "final": {"trained_on": "train+valid", "epochs": final_config.epochs,
                          "temperature_from": "first run (fitted on valid for the first model)"}}

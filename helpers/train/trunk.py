@@ -47,7 +47,7 @@ def onnx_trunk(trunk: nn.Module, *, digest: str, input_size: int) -> Path:
     path = cache_dir() / "onnx" / f"trunk-{digest[:24]}-{input_size}.onnx"
     if not is_intact(path):
         example = torch.zeros(2, 3, input_size, input_size)
-        seal(atomic_write_bytes(onnx_bytes(trunk, example, output="activations"), path))
+        seal(atomic_write_bytes(onnx_bytes(trunk, example, outputs=["activations"]), path))
     return path
 
 
@@ -70,7 +70,7 @@ def make_runner(runtime: str, trunk: nn.Module, *, digest: str, input_size: int,
         return torch_runner(trunk, device)
     run = onnx_session(onnx_trunk(trunk, digest=digest, input_size=input_size),
                        runtime=runtime, threads=torch.get_num_threads())
-    return lambda images: torch.from_numpy(run(images.numpy()))
+    return lambda images: torch.from_numpy(run(images.numpy())[0])
 
 
 def _versions() -> dict[str, str]:

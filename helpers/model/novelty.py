@@ -1,0 +1,81 @@
+"""The "known" verdict's score: how far a photo's features lie from every class it learned.
+
+Novelty is the Mahalanobis distance of a photo's L2-normalised pooled features to the
+nearest class mean, under one covariance shared by all classes (Lee et al. 2018, with the
+normalisation of Mueller and Hein 2025, "Mahalanobis++"), fitted on the training flowers
+alone: the class means and the covariance come from training photos, and the threshold
+that says "not a flower I know" from valid flowers (the share of them it may flag). No
+photo that is not a flower, and no kind held out of training, takes part.
+
+The score is part of the model: a module with the whitening matrix and the whitened class
+means as buffers, so the checkpoint holds it, the exported graph computes it beside the
+logits (engine, exports and the app read the same number) and a taught class adds its mean.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+SHRINK = 1e-3  # of the mean variance, added to the covariance's diagonal (chosen a priori)
+
+
+def normalised(features: Tensor) -> Tensor:
+    """Features scaled to unit length (float64 for the fitting's sums)."""
+    features = features.double()
+    return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class Novelty(nn.Module):
+    """Squared Mahalanobis distance to the nearest class mean; empty until fitted."""
+
+    def __init__(self, num_features: int = 0, num_classes: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("whiten", torch.zeros(num_features, num_features))
+        self.register_buffer("means", torch.zeros(num_classes, num_features))
+
+    @property
+    def fitted(self) -> bool:
+        """True once fitted (a model saved before the verdict existed has no score)."""
+        return self.whiten.numel() > 0
+
+    def forward(self, features: Tensor) -> Tensor:
+        """The novelty of each row of pooled features (N), higher = stranger."""
+        unit = features.float() / features.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        z = unit @ self.whiten
+        # |z - m|^2 = |z|^2 - 2 z.m + |m|^2, smallest over the classes
+        d = (z * z).sum(1, keepdim=True) - 2 * z @ self.means.T + (self.means ** 2).sum(1)
+        return d.min(dim=1).values.clamp_min(0.0)
+
+    def fit(self, features: Tensor, labels: Tensor, *, num_classes: int) -> Novelty:
+        """Class means and shared covariance of training features (N x D) and labels (N)."""
+        x = normalised(features)
+        labels = labels.long()
+        present = torch.bincount(labels, minlength=num_classes)
+        if (present == 0).any():
+            missing = torch.flatnonzero(present == 0).tolist()
+            raise ValueError(f"no training features for class index(es) {missing[:5]}")
+        means = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
+        means.index_add_(0, labels, x)
+        means /= present[:, None]
+        centred = x - means[labels]
+        cov = centred.T @ centred / len(x)
+        cov += SHRINK * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+        values, vectors = torch.linalg.eigh(cov)
+        whiten = vectors @ torch.diag(values.rsqrt()) @ vectors.T  # cov^(-1/2), symmetric
+        self.whiten = whiten.float()
+        self.means = (means @ whiten).float()
+        return self
+
+    def class_mean(self, features: Tensor) -> Tensor:
+        """The whitened mean of a new class's features (a row for `means`)."""
+        return (normalised(features).mean(0, keepdim=True).float() @ self.whiten)
+
+    def add_class(self, features: Tensor) -> None:
+        """Learn one more class from its photos' features (taught classes)."""
+        self.means = torch.cat([self.means, self.class_mean(features)])
+
+    def drop_class(self, index: int) -> None:
+        """Forget class `index` (its mean)."""
+        keep = [i for i in range(len(self.means)) if i != index]
+        self.means = self.means[keep]
