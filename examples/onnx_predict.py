@@ -60,8 +60,14 @@ def main() -> int:
         print(f"error: {args.image}: not a readable image ({err}); use a JPEG, PNG or WebP",
               file=sys.stderr)
         return 1
-    probs = session.run(None, {"images": x})[0][0]
+    outputs = session.run(None, {"images": x})
+    probs = outputs[0][0]
     names = json.loads(meta["class_names"])
+    # The known verdict: a second output, the photo's novelty, above the model's threshold
+    # (absent from older exports: always known).
+    if len(outputs) > 1 and outputs[1][0] > float(meta.get("novel_above", "inf")):
+        print(f"not a flower I know (closest: {names[int(probs.argmax())]}; novelty "
+              f"{outputs[1][0]:.1f} above the threshold {float(meta['novel_above']):.1f})")
     for rank, i in enumerate(np.argsort(probs)[::-1][: args.top_k], 1):
         print(f"{rank}. {names[i]}  {probs[i]:.2%}")
     threshold = float(meta.get("unsure_below", 0.0))  # absent from older exports: never unsure

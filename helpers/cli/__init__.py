@@ -25,11 +25,18 @@ READ_ONLY = (errno.EROFS,)
 
 def build_parser(prog: str = "python -m helpers") -> argparse.ArgumentParser:
     """The argument parser of `python -m helpers`, its commands from the command modules."""
-    from helpers.cli import answer_commands, artefact_commands, doctor_command, train_commands
+    from helpers.cli import (
+        answer_commands,
+        artefact_commands,
+        doctor_command,
+        teach_command,
+        train_commands,
+    )
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train_commands, answer_commands, artefact_commands, doctor_command):
+    for module in (train_commands, answer_commands, artefact_commands, doctor_command,
+                   teach_command):
         module.add_commands(sub)
     return parser
 

@@ -159,6 +159,13 @@ def _check_fields(ckpt: dict[str, Any], path: Path) -> None:
                 or whiten.dim() != 2 or means.dim() != 2 or whiten.shape[0] != whiten.shape[1]
                 or (whiten.numel() and means.shape != (len(mapping), whiten.shape[0]))):
             raise bad("state_dict", "holds a novelty score whose shapes do not fit the classes")
+        memory, labels = novelty.get("novelty.memory"), novelty.get("novelty.memory_labels")
+        if memory is not None and (
+                not isinstance(memory, torch.Tensor) or not isinstance(labels, torch.Tensor)
+                or memory.dim() != 2 or labels.shape != memory.shape[:1]
+                or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max())
+                    < len(mapping))):
+            raise bad("state_dict", "holds remembered features that do not fit the classes")
 
 
 def load_checkpoint(path: str | os.PathLike,
@@ -177,6 +184,9 @@ def load_checkpoint(path: str | os.PathLike,
     # known verdict existed has none (never "not a flower I know").
     model.novelty.whiten = weights.pop("novelty.whiten", model.novelty.whiten).float()
     model.novelty.means = weights.pop("novelty.means", model.novelty.means).float()
+    model.novelty.memory = weights.pop("novelty.memory", model.novelty.memory)
+    model.novelty.memory_labels = weights.pop("novelty.memory_labels",
+                                              model.novelty.memory_labels).long()
     try:
         _load(model, weights)
     except (RuntimeError, TypeError, AttributeError) as err:

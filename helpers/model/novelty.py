@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 SHRINK = 1e-3  # of the mean variance, added to the covariance's diagonal (chosen a priori)
+MEMORY_PER_CLASS = 8  # training features kept a class: what teach refits a new class against
 
 
 def normalised(features: Tensor) -> Tensor:
@@ -33,6 +34,9 @@ class Novelty(nn.Module):
         super().__init__()
         self.register_buffer("whiten", torch.zeros(num_features, num_features))
         self.register_buffer("means", torch.zeros(num_classes, num_features))
+        # A few training photos' raw features a class (fp16) and their labels: teach's negatives
+        self.register_buffer("memory", torch.zeros(0, num_features, dtype=torch.float16))
+        self.register_buffer("memory_labels", torch.zeros(0, dtype=torch.long))
 
     @property
     def fitted(self) -> bool:
@@ -53,7 +57,7 @@ class Novelty(nn.Module):
         labels = labels.long()
         present = torch.bincount(labels, minlength=num_classes)
         if (present == 0).any():
-            missing = torch.flatnonzero(present == 0).tolist()
+            missing = torch.nonzero(present == 0).flatten().tolist()
             raise ValueError(f"no training features for class index(es) {missing[:5]}")
         means = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
         means.index_add_(0, labels, x)
@@ -65,6 +69,11 @@ class Novelty(nn.Module):
         whiten = vectors @ torch.diag(values.rsqrt()) @ vectors.T  # cov^(-1/2), symmetric
         self.whiten = whiten.float()
         self.means = (means @ whiten).float()
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+        kept = [i for c in range(num_classes) for i in
+                order[labels[order] == c][:MEMORY_PER_CLASS].tolist()]
+        self.memory = features[kept].to(torch.float16)
+        self.memory_labels = labels[kept].clone()
         return self
 
     def class_mean(self, features: Tensor) -> Tensor:
@@ -73,9 +82,18 @@ class Novelty(nn.Module):
 
     def add_class(self, features: Tensor) -> None:
         """Learn one more class from its photos' features (taught classes)."""
+        index = len(self.means)
         self.means = torch.cat([self.means, self.class_mean(features)])
+        kept = features[:MEMORY_PER_CLASS].to(self.memory)
+        self.memory = torch.cat([self.memory, kept])
+        self.memory_labels = torch.cat([self.memory_labels,
+                                        torch.full((len(kept),), index, dtype=torch.long)])
 
     def drop_class(self, index: int) -> None:
-        """Forget class `index` (its mean)."""
+        """Forget class `index` (its mean and its remembered features)."""
         keep = [i for i in range(len(self.means)) if i != index]
         self.means = self.means[keep]
+        rows = self.memory_labels != index
+        self.memory = self.memory[rows]
+        labels = self.memory_labels[rows]
+        self.memory_labels = labels - (labels > index).long()

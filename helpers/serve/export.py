@@ -170,13 +170,37 @@ def quantize_onnx(model: Classifier, fp32_path: str | os.PathLike, *, out: str |
         out = Path(tmp) / "int8.onnx"
         # The softmax (and the temperature's division before it) stays in float: quantized
         # probabilities would move in steps of 1/255.
-        softmax = [n.name for n in onnx.load(prepared).graph.node
-                   if n.op_type in ("Softmax", "Div")]
+        graph = onnx.load(prepared).graph
+        softmax = [n.name for n in graph.node if n.op_type in ("Softmax", "Div")]
+        # The novelty score stays in float too: a distance of whitened features in int8
+        # steps would move the known verdict of photos near its threshold.
+        keep = softmax + novelty_nodes(graph)
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=softmax)
+                        weight_type=QuantType.QInt8, nodes_to_exclude=keep)
         proto = onnx.load(out)
     return save_with_metadata(proto, path, metadata(model))
+
+
+def novelty_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The names of the nodes that only the "novelty" output needs (none without it)."""
+    makers = {out: node for node in graph.node for out in node.output}
+
+    def needed(output: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [output]
+        while todo:
+            node = makers.get(todo.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                todo += list(node.input)
+        return seen
+
+    outputs = [o.name for o in graph.output]
+    if "novelty" not in outputs:
+        return []
+    others = set().union(*(needed(o) for o in outputs if o != "novelty"))
+    return sorted(needed("novelty") - others)
 
 
 def export_ort(onnx_path: str | os.PathLike, out: str | os.PathLike) -> Path:

@@ -76,7 +76,11 @@ def app_metadata(model: Classifier, *, precision: str) -> dict[str, Any]:
     return {**parsed, "input_size": int(raw["input_size"]),
             "resize_size": int(raw["resize_size"]), "interpolation": raw["interpolation"],
             "output": raw["output"], "temperature": float(raw["temperature"]),
-            "unsure_below": float(raw["unsure_below"]), "precision": precision}
+            "unsure_below": float(raw["unsure_below"]),
+            # JSON has no infinity: null is a model without a known verdict (never strange)
+            "novel_above": (float(raw["novel_above"]) if math.isfinite(float(raw["novel_above"]))
+                            else None),
+            "precision": precision}
 
 
 PRECISIONS = ("fp32", "int8")

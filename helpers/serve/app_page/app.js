@@ -1,6 +1,7 @@
 // Name a flower from a photo: the exported model in the browser (onnxruntime-web, wasm).
 // model.json carries what the ONNX file cannot tell onnxruntime-web: names, preprocessing,
-// the unsure threshold. The model's output is already calibrated probabilities.
+// the unsure and known thresholds. The model's first output is already calibrated
+// probabilities; its second, where the model has a known verdict, the photo's novelty.
 import * as ort from "./ort/ort.wasm.min.mjs";
 import { preprocess } from "./preprocess.js";
 
@@ -61,7 +62,7 @@ async function decode(file) {
   return ctx.getImageData(0, 0, canvas.width, canvas.height);
 }
 
-function show(probs) {
+function show(probs, novelty) {
   const order = Array.from(probs.keys()).sort((a, b) => probs[b] - probs[a]).slice(0, TOP_K);
   const list = $("predictions");
   list.replaceChildren(...order.map((i) => {
@@ -78,7 +79,14 @@ function show(probs) {
     return li;
   }));
   const top = probs[order[0]];
-  if (top < meta.unsure_below) {
+  const known = novelty === undefined || meta.novel_above === null ||
+    novelty <= meta.novel_above;
+  list.dataset.known = String(known);
+  list.dataset.novelty = novelty === undefined ? "" : String(novelty);
+  if (!known) {
+    setStatus(`Not a flower I know (closest: ${meta.class_names[order[0]]}). Point the ` +
+              "camera at one flower, close up.", true);
+  } else if (top < meta.unsure_below) {
     setStatus(`Not sure: the best guess has only ${(100 * top).toFixed(0)} % (unsure below ` +
               `${(100 * meta.unsure_below).toFixed(0)} %). Try a closer, sharper photo.`, true);
   } else {
@@ -104,7 +112,7 @@ async function classify(file) {
   const output = await session.run(feeds);
   const end = performance.now();
   const probs = output[session.outputNames[0]].data;
-  show(probs);
+  show(probs, session.outputNames.length > 1 ? output[session.outputNames[1]].data[0] : undefined);
   // For tests and measurements: what the model saw and how long each step took.
   window.__lastInput = input;
   window.__lastTimings = { decode_ms: decoded - start, preprocess_ms: prepared - start,
