@@ -118,7 +118,12 @@ def app(tmp_path_factory):
     assert built["precision"] == PRECISION, built["why"]
     classes = json.loads((OUT / "model.json").read_text())["class_ids"]
     photos = sorted(p for c in classes for p in (REAL_DATA / "test" / c).glob("*.jpg"))
-    return photos[:: max(1, len(photos) // PHOTOS)][:PHOTOS]
+    # and photos that are no flowers: the page must say "not a flower I know" as Python does
+    from helpers.insight.strangers import write_strangers
+
+    groups = write_strangers(tmp / "strangers", crops=0, each=1)
+    strangers = [groups["package"][i] for i in (0, 7, 21)] + groups["screen"] + groups["flat"]
+    return photos[:: max(1, len(photos) // PHOTOS)][:PHOTOS] + strangers
 
 
 @contextlib.contextmanager
@@ -153,6 +158,8 @@ def _upload(page, path: Path, count: int) -> dict:
             "probs": [float(p) for p in items.evaluate_all(
                 "els => els.map(e => e.dataset.probability)")],
             "status": page.inner_text("#status"),
+            "known": page.locator("#predictions").get_attribute("data-known") == "true",
+            "novelty": page.locator("#predictions").get_attribute("data-novelty"),
             "timings": page.evaluate("window.__lastTimings")}
 
 
@@ -197,10 +204,12 @@ def test_app_names_real_photos_like_python(app):
                 seen = np.asarray(page.evaluate("Array.from(window.__lastInput)"), np.float32)
                 expected = _expected(photo, meta)
                 diff = np.abs(seen.reshape(expected.shape) - expected)
-                python = session.run(None, {"images": expected[None]})[0][0]
+                outputs = session.run(None, {"images": expected[None]})
+                python = outputs[0][0]
                 rows.append({"photo": photo.name, "max_diff": float(diff.max()),
                              "mean_diff": float(diff.mean()), "python": python,
-                             **shown})
+                             "python_novelty": float(outputs[1][0]) if len(outputs) > 1
+                             else None, **shown})
             loaded = page.evaluate("window.__timings")  # with the warm-up's time now
         finally:
             browser.close()
@@ -250,10 +259,18 @@ def test_app_names_real_photos_like_python(app):
         for rank in range(len(order) - 1):  # order holds wherever the gap is clear
             if python[order[rank]] - python[order[rank + 1]] > PROB_ATOL:
                 assert row["names"][rank] == names[rank], (row["photo"], rank)
+        # The known verdict: the page's novelty is Python's, and its verdict follows it.
+        assert row["python_novelty"] is not None and meta["novel_above"] is not None
+        assert float(row["novelty"]) == pytest.approx(row["python_novelty"], rel=1e-3)
+        assert row["known"] == (float(row["novelty"]) <= meta["novel_above"])
+        if not row["known"]:
+            assert row["status"].startswith("Not a flower I know"), row["status"]
+            continue
         # "not sure" follows the page's own top probability (near the threshold, Python's
         # may fall on the other side of it)
         assert ("unsure" in row["status"]) == (row["probs"][0] < meta["unsure_below"])
     assert any("unsure" in r["status"] for r in rows) or meta["unsure_below"] == 0
+    assert any(not r["known"] for r in rows), "no photo was called not a flower I know"
 
 
 def test_app_reads_phone_photos_upright(app, tmp_path):

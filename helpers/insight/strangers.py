@@ -66,6 +66,19 @@ def package_photos() -> dict[str, Image.Image]:
     return photos
 
 
+def sklearn_flower() -> Image.Image:
+    """The one flower photo that ships with scikit-learn (a kind to teach in the notebook)."""
+    import sklearn.datasets
+
+    return Image.open(Path(sklearn.datasets.__file__).parent / "images" / "flower.jpg").convert(
+        "RGB")
+
+
+def crops_of(photo: Image.Image, *, count: int, seed: int = 0) -> list[Image.Image]:
+    """`count` random crops of 45-80 % of a photo's sides, seeded."""
+    return _crops(photo, np.random.default_rng(seed), count)
+
+
 def _crops(photo: Image.Image, rng: np.random.Generator, count: int) -> list[Image.Image]:
     """`count` random square-ish crops of 45-80 % of a photo's sides."""
     w, h = photo.size

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from helpers.core.errors import UserError
@@ -37,7 +37,8 @@ def _linear(model: Classifier) -> nn.Linear:
 
 
 @torch.inference_mode()
-def photo_features(model: Classifier, photos: list[Path]) -> torch.Tensor:
+def photo_features(model: Classifier, photos: list[str | os.PathLike | Image.Image]
+                   ) -> torch.Tensor:
     """The pooled features of each photo's centre view and its mirror image (2N x D)."""
     batch = np.stack([process_image(p, spec=model.preprocess) for p in photos])
     x = torch.from_numpy(np.concatenate([batch, batch[..., ::-1].copy()]))
@@ -46,7 +47,7 @@ def photo_features(model: Classifier, photos: list[Path]) -> torch.Tensor:
     return torch.cat([model.features(part.to(device)).float().cpu() for part in x.split(32)])
 
 
-def teach(model: Classifier, photos: list[str | os.PathLike], *, name: str,
+def teach(model: Classifier, photos: list[str | os.PathLike | Image.Image], *, name: str,
           class_id: str | None = None) -> dict[str, float | int | str]:
     """Add the class `name` (folder `class_id`, default the name) from its photos, in place;
     returns what was taught, from how many photos, in how many seconds."""
@@ -56,7 +57,7 @@ def teach(model: Classifier, photos: list[str | os.PathLike], *, name: str,
     if name in model.class_names or class_id in model.class_to_idx:
         raise UserError(f"the model already knows {name!r}; choose another --name, or "
                         f"--forget it first")
-    photos = [Path(p) for p in photos]
+    photos = list(photos)
     if len(photos) < MIN_PHOTOS:
         raise UserError(f"{len(photos)} photo(s) of {name!r}; teach needs {MIN_PHOTOS} or more "
                         "(5 to 20 work well)")
