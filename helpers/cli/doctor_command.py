@@ -61,7 +61,8 @@ def render(report: dict[str, Any], *, top: int = 5) -> str:
                      "exclude it if it is neither")
     strangers = report["strangers"]
     lines.append(f"strangers and unusable files: {len(strangers) or 'none'}")
-    lines += [f"  {s['score']:.2f} {s['path']}: {s['why']}" for s in strangers[:top]]
+    lines += [f"  {'-' if s['score'] is None else format(s['score'], '.1f'):>5} {s['path']}: "
+              f"{s['why']}" for s in strangers[:top]]
     if strangers:
         lines.append("  hint: exclude photos of no class (blank, not a flower, a screenshot) and "
                      "unreadable or tiny files")
