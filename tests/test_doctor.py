@@ -371,3 +371,29 @@ def test_train_applies_a_fixes_file_and_its_resume_hint_keeps_it(tmp_path, capsy
     assert main(["train", str(data), "--save_dir", str(tmp_path / "o2"),
                  "--fixes", str(fixes)]) == 1
     assert "train/a/img_9.jpg" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # real photos through the backbone
+def test_a_photo_that_is_no_flower_is_among_the_five_strangest(real_data, tmp_path, monkeypatch):
+    """A 12-class folder of real flowers with scikit-image's astronaut and a screenshot-like
+    picture filed into classes: both flagged, both among the 5 strangest."""
+    from skimage import data as samples
+
+    from helpers.insight.doctor import examine
+    from helpers.insight.strangers import synthetic
+
+    monkeypatch.setenv("FLOWERS_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "photos"
+    classes = sorted(os.listdir(real_data / "train"), key=int)[:12]
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for photo in sorted((real_data / "train" / c).iterdir())[:30]:
+            (root / c / photo.name).symlink_to(photo)
+    Image.fromarray(samples.astronaut()).save(root / classes[3] / "image_99998.jpg")
+    synthetic(np.random.default_rng(0), each=1)["screen"][0].save(
+        root / classes[7] / "image_99999.jpg")
+    report = examine(root, log=None)
+    strangest = [s["path"] for s in report["strangers"][:5]]
+    assert f"{classes[3]}/image_99998.jpg" in strangest, report["strangers"][:8]
+    assert f"{classes[7]}/image_99999.jpg" in strangest, report["strangers"][:8]
+    assert len(report["strangers"]) <= 5  # and few ordinary flowers flagged beside them

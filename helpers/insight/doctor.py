@@ -38,10 +38,10 @@ L2 = 1e-3  # the logistic regression's penalty on standardised features
 STRANGER_FENCE = 4.0  # a stranger is farther from its nearest photos than the median by
 # this many (scaled) MADs
 STRANGER_RATIO = 2.5  # ... and this many times as far as those nearest photos are from theirs
-# or the sum of its two robust z-scores (nearest photos, every class) beyond this: above the
-# largest sum among the 725 photos of four real 12-class folders of flowers (2026-12-04;
-# 8.7), fitted on flowers alone
-STRANGE_FENCE = 9.0
+# or beyond STRANGER_FENCE from its nearest photos and this far from every class: none of the
+# 725 photos of four real 12-class folders of flowers was both (2026-12-04), fitted on
+# flowers alone
+CLASS_FENCE = 5.0
 TINY = 32  # pixels: a shorter side below it is a thumbnail or an icon, not a photo
 BLANK = 2.0  # grey-level spread below which a frame is blank
 
@@ -161,17 +161,17 @@ def _robust_z(values: np.ndarray) -> np.ndarray:
 def stranger_scores(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each photo's strangeness, the sum of two robust z-scores: its mean cosine distance to
     its nearest other photos, and its distance from every class (class_distance); and
-    whether it is a stranger: a strangeness beyond STRANGE_FENCE, or beyond STRANGER_FENCE
-    on its neighbours alone and STRANGER_RATIO times as far from them as they are from theirs
-    (a sparse class is no stranger)."""
+    whether it is a stranger: beyond STRANGER_FENCE from its neighbours, and either
+    STRANGER_RATIO times as far from them as they are from theirs (a sparse class is no
+    stranger) or beyond CLASS_FENCE from every class."""
     index, cosine = neighbours(features)
     distance = 1.0 - cosine.mean(1)
     ratio = distance / np.maximum(distance[index].mean(1), 1e-6)
     by_neighbours = _robust_z(distance)
     by_classes = _robust_z(class_distance(features, labels))
     strangeness = by_neighbours + by_classes
-    far = ((by_neighbours > STRANGER_FENCE) & (ratio > STRANGER_RATIO)) | (
-        strangeness > STRANGE_FENCE)
+    far = (by_neighbours > STRANGER_FENCE) & ((ratio > STRANGER_RATIO)
+                                              | (by_classes > CLASS_FENCE))
     return strangeness, far
 
 
