@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import CHROMIUM_ARGS, REAL_DATA, ROOT, chromium, write_checkpoint
 from helpers.data.preprocess import Preprocess, process_image
@@ -122,7 +123,11 @@ def app(tmp_path_factory):
     from helpers.insight.strangers import write_strangers
 
     groups = write_strangers(tmp / "strangers", crops=0, each=1)
-    strangers = [groups["package"][i] for i in (0, 7, 21)] + groups["screen"] + groups["flat"]
+    strangers = []
+    for jpeg in [groups["package"][i] for i in (0, 7, 21)] + groups["screen"] + groups["flat"]:
+        # as PNG: browsers and PIL decode JPEG's subsampled colour differently on some photos
+        Image.open(jpeg).save(jpeg.with_suffix(".png"))
+        strangers.append(jpeg.with_suffix(".png"))
     return photos[:: max(1, len(photos) // PHOTOS)][:PHOTOS] + strangers
 
 
