@@ -85,7 +85,8 @@ class Novelty(nn.Module):
         index = len(self.means)
         self.means = torch.cat([self.means, self.class_mean(features)])
         kept = features[:MEMORY_PER_CLASS].to(self.memory)
-        self.memory = torch.cat([self.memory, kept])
+        memory = self.memory if self.memory.shape[1:] == kept.shape[1:] else kept[:0]
+        self.memory = torch.cat([memory, kept])
         self.memory_labels = torch.cat([self.memory_labels,
                                         torch.full((len(kept),), index, dtype=torch.long)])
 
