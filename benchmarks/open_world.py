@@ -161,11 +161,9 @@ def report(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|"]
     for what, label in (("held_out_kinds", "kinds held out of training"),
                         ("not_flowers", "photos that are no flowers")):
-        lines.append(f"| {label} | {rows[0][what]['n']} | {mean(lambda r: r[what]['auroc'])} | "
-                     f"{mean(lambda r: r[what]['fpr95'])} | "
-                     f"{mean(lambda r: r[what]['flagged'])} | "
-                     f"{mean(lambda r: r[what]['auroc_top_probability'])} | "
-                     f"{mean(lambda r: r[what]['fpr95_top_probability'])} |")
+        cells = [mean(lambda r, w=what, k=key: r[w][k]) for key in
+                 ("auroc", "fpr95", "flagged", "auroc_top_probability", "fpr95_top_probability")]
+        lines.append(f"| {label} | {rows[0][what]['n']} | " + " | ".join(cells) + " |")
     lines.append(f"| known test photos | {rows[0]['n_known']} | | | "
                  f"{mean(lambda r: r['known_flagged'])} | | |")
     groups = [k.removeprefix("flagged_") for k in rows[0]["not_flowers"] if

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder, synthetic_image
 
+from conftest import make_image_folder, synthetic_image
 from helpers import cli
 from helpers.config import TrainConfig
 from helpers.data import splits
@@ -203,7 +203,7 @@ def test_teach_adds_a_kind_and_forget_removes_it(trained, tmp_path, capsys):
     assert sum(a.names[0] == "night bloom" for a in answers) >= 6
     # The verdict learned the new kind: every photo of it much nearer than before (a model
     # fitted on 36 tiny photos cannot call it known; the benchmark measures that on flowers).
-    assert all(a.novelty < old.predict(p).novelty / 2 for a, p in zip(answers, photos))
+    assert all(a.novelty < old.predict(p).novelty / 2 for a, p in zip(answers, photos, strict=True))
     # predict names it
     assert cli.main(["predict", str(photos[0]), str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["predictions"][0]["name"] == "night bloom"
@@ -249,7 +249,6 @@ def test_teach_refuses_what_it_cannot_do(trained, tmp_path, capsys):
 def test_a_checkpoint_without_a_verdict_answers_as_before(tmp_path, capsys):
     """Saved before the known verdict existed: no novelty output, known is null."""
     from conftest import write_checkpoint
-
     from helpers.model.classifier import build_model
 
     clf = build_model("test_efficientnet", {"a": 0, "b": 1}, hidden_units=0)

@@ -24,7 +24,7 @@ from helpers.model.checkpoint import checkpoint_dict, encode_checkpoint
 from helpers.model.classifier import Classifier, weights_digest
 from helpers.serve.answers import Scores
 from helpers.serve.engine import Engine, bind, engine_path
-from helpers.serve.export import onnx_proto, save_with_metadata
+from helpers.serve.export import onnx_proto
 
 _LOADED: dict[str, Engine] = {}  # engines by weights digest, so a session is made once
 

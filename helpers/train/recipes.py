@@ -31,9 +31,9 @@ from helpers.data.transforms import eval_transform, train_transform
 from helpers.model.classifier import Classifier
 from helpers.train.cache import ActivationCache
 from helpers.train.cached_recipe import cached_plan
-from helpers.train.known import fit_known
 from helpers.train.calibration import calibrate_on
 from helpers.train.evaluate import topk_accuracy
+from helpers.train.known import fit_known
 from helpers.train.loop import fit, predict_probs
 from helpers.train.plan import Phase, Plan, adamw, one_cycle
 

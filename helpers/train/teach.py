@@ -6,7 +6,8 @@ the mean length of the learned classes' weights, with their mean bias; then that
 refitted for a moment (cross-entropy, the learned rows frozen) on its photos against the few
 training photos' features a class the model remembers (model/novelty.py). The known verdict
 learns its class mean. The learned classes' weights are untouched, so their scores are
-unchanged; a photo of theirs changes answer only where the new class scores higher. Taught classes are listed in `model.taught` (checkpoint and metrics).
+unchanged; a photo of theirs changes answer only where the new class scores higher. Taught
+classes are listed in `model.taught` (checkpoint and metrics).
 """
 
 from __future__ import annotations
