@@ -91,6 +91,11 @@ def signals(model, paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return a.novelty, a.probs.max(1), a.probs.argmax(1)
 
 
+def doubted(model, novelty: np.ndarray, top: np.ndarray) -> float:
+    """The share of photos either not known or unsure, at the model's own thresholds."""
+    return float(((novelty > model.novel_above) | (top < model.unsure_below)).mean())
+
+
 def one_draw(setup, draw: int, *, held_out: int, teach_photos: int,
              strangers: dict[str, list[Path]]) -> dict[str, Any]:
     """Train without `held_out` drawn kinds; measure the verdict and teach."""
@@ -120,10 +125,12 @@ def one_draw(setup, draw: int, *, held_out: int, teach_photos: int,
     row: dict[str, Any] = {
         "draw": draw, "held_out": held, "train_seconds": trained_s,
         "known_top1": float((pred_k == labels).mean()),
-        "known_flagged": float((nov_k > threshold).mean()), "n_known": len(test_known)}
+        "known_flagged": float((nov_k > threshold).mean()), "n_known": len(test_known),
+        "known_doubted": doubted(model, nov_k, top_k)}
     for what, nov, top in (("held_out_kinds", nov_h, top_h), ("not_flowers", nov_s, top_s)):
         row[what] = {"n": len(nov), "auroc": auroc(nov_k, nov), "fpr95": fpr_at_95(nov_k, nov),
                      "flagged": float((nov > threshold).mean()),
+                     "doubted": doubted(model, nov, top),
                      "auroc_top_probability": auroc(-top_k, -top),
                      "fpr95_top_probability": fpr_at_95(-top_k, -top)}
     start = 0
@@ -157,15 +164,17 @@ def report(rows: list[dict[str, Any]]) -> str:
         return f"{np.mean(values):.3f}" + (f" ± {np.std(values):.3f}" if len(values) > 1 else "")
 
     lines = ["| photos | n | AUROC (novelty) | FPR at 95 % TPR | flagged at the threshold | "
-             "AUROC (top probability) | FPR at 95 % TPR (top probability) |",
-             "|---|---|---|---|---|---|---|"]
+             "not known or unsure | AUROC (top probability) | FPR at 95 % TPR (top "
+             "probability) |", "|---|---|---|---|---|---|---|---|"]
     for what, label in (("held_out_kinds", "kinds held out of training"),
                         ("not_flowers", "photos that are no flowers")):
         cells = [mean(lambda r, w=what, k=key: r[w][k]) for key in
-                 ("auroc", "fpr95", "flagged", "auroc_top_probability", "fpr95_top_probability")]
+                 ("auroc", "fpr95", "flagged", "doubted", "auroc_top_probability",
+                  "fpr95_top_probability")]
         lines.append(f"| {label} | {rows[0][what]['n']} | " + " | ".join(cells) + " |")
     lines.append(f"| known test photos | {rows[0]['n_known']} | | | "
-                 f"{mean(lambda r: r['known_flagged'])} | | |")
+                 f"{mean(lambda r: r['known_flagged'])} | {mean(lambda r: r['known_doubted'])}"
+                 " | | |")
     groups = [k.removeprefix("flagged_") for k in rows[0]["not_flowers"] if
               k.startswith("flagged_")]
     lines += ["", "no flowers flagged, by group: " + ", ".join(
@@ -185,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=None, help="data folder (default $FLOWERS_DIR)")
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--first_draw", type=int, default=0,
+                        help="the first draw's number (fresh draws: 3 and on)")
     parser.add_argument("--held_out", type=int, default=10)
     parser.add_argument("--teach_photos", type=int, default=5)
     parser.add_argument("--json", help="write every draw's figures here too")
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         strangers = write_strangers(tmp)
-        for draw in range(args.draws):
+        for draw in range(args.first_draw, args.first_draw + args.draws):
             rows.append(one_draw(setup, draw, held_out=args.held_out,
                                  teach_photos=args.teach_photos, strangers=strangers))
             print(json.dumps(rows[-1]), flush=True)

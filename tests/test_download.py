@@ -111,3 +111,29 @@ def test_folder_without_train_is_not_overwritten(tmp_path):
     with pytest.raises(DataError, match="no train/ folder"):
         download.ensure_data(tmp_path / "flowers")
     assert (tmp_path / "flowers" / "notes.txt").read_text() == "mine"
+
+
+def test_a_truncated_archive_and_a_gzip_bomb_are_one_line_and_leave_nothing(server, tmp_path,
+                                                                            monkeypatch):
+    """A download cut short (EOF inside the gzip stream) and an archive whose members sum far
+    beyond the data (counted from the tar headers before anything is unpacked)."""
+    www, url = server
+    whole = www / "whole.tar.gz"
+    _course_archive(whole, {"train": 3, "valid": 1, "test": 2})
+    data = whole.read_bytes()
+    (www / "flower_data.tar.gz").write_bytes(data[: len(data) * 2 // 3])
+    dest = tmp_path / "data" / "flowers"
+    with pytest.raises(DataError, match="damaged or truncated") as err:
+        download.ensure_data(dest, source="course", base_url=url + "flower_data.tar.gz",
+                             num_classes=CLASSES)
+    assert "\n" not in str(err.value)
+    assert list(dest.parent.iterdir()) == []  # nothing a later run would take for the data
+    # A bomb: one member of zeros, 5 MB, under a limit of 1 MB (the real one is 4 GB).
+    monkeypatch.setattr(download, "MAX_UNPACKED", 1 << 20)
+    with tarfile.open(www / "flower_data.tar.gz", "w:gz") as tar:
+        _add(tar, "flower_data/train/1/zeros.jpg", bytes(5 << 20))
+    assert (www / "flower_data.tar.gz").stat().st_size < 100_000
+    with pytest.raises(DataError, match="far beyond the flowers data; not unpacked"):
+        download.ensure_data(dest, source="course", base_url=url + "flower_data.tar.gz",
+                             num_classes=CLASSES)
+    assert list(dest.parent.iterdir()) == []

@@ -82,12 +82,18 @@ def trained(tmp_path_factory):
                          views=1, recipe="cached")
     sets = splits.load_data(folder, get_backbone("test_efficientnet").preprocess).sets
     clf = new_model(sets, config)
-    seen = {}
-    real_fit, real_scores = known.training_features, calibration.scores_of
+    seen = {"features": []}
+    real_features, real_scores = known.training_features, calibration.scores_of
+    real_fit = Novelty.fit
 
     def spy_features(model, dataset, device, **kw):
-        seen["fit"] = [p for p, _ in dataset.samples]
-        return real_fit(model, dataset, device, **kw)
+        features = real_features(model, dataset, device, **kw)
+        seen["features"].append(([p for p, _ in dataset.samples], features))
+        return features
+
+    def spy_fit(self, features, labels, **kw):
+        seen["fit"] = next(paths for paths, f in seen["features"] if f is features)
+        return real_fit(self, features, labels, **kw)
 
     def spy_scores(model, samples):
         seen.setdefault("threshold", []).append([p for p, _ in samples])
@@ -95,6 +101,7 @@ def trained(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(known, "training_features", spy_features)
+    mp.setattr(Novelty, "fit", spy_fit)
     mp.setattr(calibration, "scores_of", spy_scores)
     try:
         recipes.run_recipe(clf, sets, config, torch.device("cpu"), log=None)
@@ -110,6 +117,10 @@ def test_the_verdict_is_fitted_on_training_flowers_and_its_threshold_on_valid(tr
     assert seen["fit"] == [p for p, _ in sets["train"].samples]
     assert seen["threshold"] == [[p for p, _ in sets["valid"].samples]]
     assert clf.novelty.fitted and clf.novelty.means.shape[0] == len(CLASSES)
+    # teach's remembered negatives are valid photos' features, outside the score
+    valid_paths, valid_features = seen["features"][-1]
+    assert valid_paths == [p for p, _ in sets["valid"].samples]
+    assert len(clf.novelty.memory) == len(CLASSES) * 6  # 6 valid photos a class, all kept
     scores, _, _ = inference.scores_of(clf, sets["valid"].samples)
     assert clf.novel_above == calibration.choose_novel_above(scores.novelty)
     assert (scores.novelty <= clf.novel_above).mean() >= calibration.KEEP_KNOWN

@@ -474,3 +474,69 @@ def test_a_names_file_that_cannot_be_read_is_one_line(tmp_path, content, says):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1, done.stderr[-1500:]
     assert lines[0].startswith(f"error: {names}: ") and says in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_sighup_and_sigterm_at_any_moment_leave_no_lock_and_only_whole_files(train_env,
+                                                                            tmp_path):
+    """A closed terminal (SIGHUP) or SIGTERM at moments from set-up to after the checkpoint:
+    the run stops in one line (how to resume, where there is something to resume) or has
+    finished; no .lock and no temporary file stay; every file left loads. (A signal while the
+    interpreter itself starts kills it as any program; then nothing was written.)"""
+    folder, env = train_env
+    delays = [0.05, 0.4, 1.5, 3.0, 5.0, 8.0, 12.0, 20.0]
+    rng = np.random.default_rng(11)
+    for n, delay in enumerate(delays):
+        sig = (signal.SIGHUP, signal.SIGTERM)[n % 2]
+        out = tmp_path / f"run{n}"
+        run = subprocess.Popen(_train(folder, out, epochs=3), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+        time.sleep(delay * float(rng.uniform(0.8, 1.2)))
+        if run.poll() is None:
+            os.killpg(run.pid, sig)
+        _, err = run.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        if run.returncode == -sig:  # before Python ran a line of ours: nothing done at all
+            assert not out.exists() and not err, (delay, err)
+            continue
+        assert run.returncode in (0, 130), (delay, run.returncode, err[-800:])
+        assert "Traceback" not in err, err[-2000:]
+        if run.returncode == 130:
+            assert lines[-1].startswith(("error: stopped by", "interrupted")) or (
+                "--resume" in lines[-1]), lines[-1]
+            if "--resume" in lines[-1]:
+                checkpoint.read_resume(out / "last.pth")
+        left = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+        assert ".lock" not in left and not [p for p in left if p.endswith(".tmp")], left
+        if (out / "checkpoint.pth").exists():
+            checkpoint.load_checkpoint(out / "checkpoint.pth")
+        if (out / "last.pth").exists():
+            checkpoint.read_resume(out / "last.pth")
+
+
+def test_names_with_escapes_and_lone_surrogates_are_shown_escaped(tmp_path, capsys):
+    """A names file with an ANSI escape, a bell, a bidi override and a lone surrogate: the
+    text output shows them escaped (nothing reaches the terminal raw), JSON stays JSON."""
+    import json as json_
+
+    from helpers.core.text import shown
+    from helpers.model.classifier import build_model
+    from helpers.serve import inference
+
+    folder = make_image_folder(tmp_path / "f", ["1", "2"], per_class=1, splits=("test",))
+    names = {"1": "\x1b[31mred\x1b[0m rose\a", "2": "\u202eevil \ud800"}
+    (tmp_path / "names.json").write_text(json_.dumps(names))  # ensure_ascii: \ud800 escaped
+    clf = build_model("test_efficientnet", {"1": 0, "2": 1}, hidden_units=0)
+    ckpt = inference.save_model(clf, tmp_path / "c.pth")
+    image = next((folder / "test").rglob("*.jpg"))
+    assert cli.main(["predict", str(image), str(ckpt), "--category_names",
+                     str(tmp_path / "names.json")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\a" not in out and "\u202e" not in out
+    assert "\\x1b[31mred\\x1b[0m rose\\x07" in out and "\\u202eevil \\ud800" in out
+    out.encode("utf-8")  # printable: no lone surrogate left
+    assert cli.main(["predict", str(image), str(ckpt), "--category_names",
+                     str(tmp_path / "names.json"), "--json"]) == 0
+    item = json_.loads(capsys.readouterr().out)
+    assert {p["name"] for p in item["predictions"]} == set(names.values())
+    assert shown("pétale 花") == "pétale 花"

@@ -73,6 +73,11 @@ def _where_instead(filename: str) -> str:
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """Run a command; a user mistake prints one line on stderr and returns 1."""
+    if argv is None or prog is not None:  # a process of its own (python -m helpers, train.py,
+        # predict.py): SIGTERM and SIGHUP stop it cleanly from now on
+        from helpers.core.device import stop_on_signals
+
+        stop_on_signals()
     argv = sys.argv[1:] if argv is None else list(argv)
     if prog is not None:  # train.py / predict.py: their own name in usage and --help
         parser = build_parser(prog)

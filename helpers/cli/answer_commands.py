@@ -14,6 +14,7 @@ from pathlib import Path
 
 from helpers.core.errors import ImageError, UserError
 from helpers.core.files import file_sha256
+from helpers.core.text import shown
 from helpers.data.images import is_image_file
 from helpers.serve.engine import Engine, open_engine
 
@@ -67,12 +68,13 @@ def _result(path: Path, scores, engine: Engine, top_k: int) -> dict:
 def _print_text(item: dict, engine: Engine, *, many: bool) -> None:
     """One result as text lines (the image's path first when there are several)."""
     if many:
-        print(item["image"])
+        print(shown(item["image"]))
     if item["known"] is False:
-        print(f"not a flower I know (closest: {item['predictions'][0]['name']}; novelty "
+        print(f"not a flower I know (closest: {shown(item['predictions'][0]['name'])}; novelty "
               f"{item['novelty']:.1f} above the threshold {engine.novel_above:.1f})")
     for rank, pred in enumerate(item["predictions"], 1):
-        print(f"{rank}. {pred['name']}  {pred['probability']:.2%}  (class {pred['class']})")
+        print(f"{rank}. {shown(pred['name'])}  {pred['probability']:.2%}  "
+              f"(class {shown(pred['class'])})")
     if item["unsure"]:
         print(f"unsure: top probability {item['predictions'][0]['probability']:.2%} below "
               f"the threshold {engine.unsure_below:.2%}")

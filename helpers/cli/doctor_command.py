@@ -10,6 +10,7 @@ from typing import Any
 
 from helpers.core.errors import FolderError, UserError
 from helpers.core.files import atomic_write_bytes
+from helpers.core.text import shown
 
 HINTS = {
     "across-splits": "the same photo in training and held out inflates the held-out accuracy: "
@@ -92,7 +93,7 @@ def cmd_doctor(args: argparse.Namespace) -> None:
     report = doctor.examine(data, names_file=args.names, fixes=fixes,
                             valid_fraction=args.valid_fraction,
                             test_fraction=args.test_fraction)
-    print(render(report, top=args.top))
+    print("\n".join(shown(line) for line in render(report, top=args.top).splitlines()))
     if out is not None:
         atomic_write_bytes((json.dumps(report, indent=1) + "\n").encode(), out)
         print(f"wrote {out}")

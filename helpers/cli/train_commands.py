@@ -15,6 +15,7 @@ from helpers.config import TUNED, TrainConfig
 from helpers.core.distributed import Distributed, relaunch
 from helpers.core.errors import FolderError, Interrupted, RunStopped, UserError
 from helpers.core.files import atomic_write_bytes
+from helpers.core.text import shown
 from helpers.model.backbones import BACKBONES
 
 if TYPE_CHECKING:
@@ -252,9 +253,9 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     image_path, label = sets.get("test", sets["valid"]).samples[0]
     result = prediction.predict(image_path, done.model, topk=5)
     true_name = done.model.class_names[label]
-    print(f"{image_path} (true: {true_name}):")
+    print(f"{shown(str(image_path))} (true: {shown(true_name)}):")
     for p, name in zip(result.probs, result.names, strict=True):
-        print(f"  {p:7.2%}  {name}")
+        print(f"  {p:7.2%}  {shown(name)}")
     fig = plots.plot_prediction(open_image(image_path), result, true_name=true_name)
     print(f"top-5 chart: {plots.save_figure(fig, out / 'top5.png')}")
     summary = {"data_dir": str(root), **done.metrics}

@@ -98,8 +98,29 @@ def autocast(device: torch.device, *, enabled: bool = True) -> contextlib.Abstra
     return torch.autocast(device.type, dtype=dtype)
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
+
+
+def stop_at_once(signum: int, frame: Any = None) -> None:
+    """A handler for SIGTERM and SIGHUP outside the training loops: stop now (Stopped), so the
+    command's context managers release its folder lock and say what happened."""
+    raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
+def stop_on_signals() -> None:
+    """Install stop_at_once for SIGTERM and SIGHUP (main thread), first thing in a command:
+    set-up, calibration, evaluation and saving stop cleanly; the loops watch their own."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in STOP_SIGNALS:
+        if s != signal.SIGINT:  # Ctrl-C keeps Python's KeyboardInterrupt
+            signal.signal(s, stop_at_once)
+
+
 class StopFlag:
-    """Set by the first SIGINT or SIGTERM; the training loop stops at the next batch boundary.
+    """Set by the first SIGINT, SIGTERM or SIGHUP (a closed terminal, a dropped ssh session);
+    the training loop stops at the next batch boundary.
 
     A second signal raises KeyboardInterrupt at once. Outside `watch()` nothing is changed.
     """
@@ -122,11 +143,12 @@ class StopFlag:
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[StopFlag]:
-        """Catch SIGINT and SIGTERM while the block runs (main thread only), then restore."""
+        """Catch SIGINT, SIGTERM and SIGHUP while the block runs (main thread only), then
+        restore."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
         for s in previous:
             signal.signal(s, self.request)
         try:
@@ -142,8 +164,8 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     A scheduler (systemd, Slurm, Kubernetes) signals the whole process group; workers that
     died on it would break the batch under way with a traceback.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def in_notebook() -> bool:

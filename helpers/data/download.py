@@ -81,13 +81,35 @@ def has_images(root: str | os.PathLike) -> bool:
                                  for name in find_class_folders(root))
 
 
+MAX_UNPACKED = 4 << 30  # bytes: the course's archive unpacks to well under 1 GB
+MAX_MEMBERS = 100_000  # files and folders: the course's holds 8,189 photos
+
+
+def _check_size(archive: Path, tar: tarfile.TarFile) -> None:
+    """Sum the members' sizes from the tar headers before anything is unpacked; refuse an
+    archive far beyond the course's (a gzip bomb would fill the disk)."""
+    total = count = 0
+    for member in tar:
+        total += max(member.size, 0)
+        count += 1
+        if total > MAX_UNPACKED or count > MAX_MEMBERS:
+            raise DataError(f"{archive}: unpacks to more than {MAX_UNPACKED >> 30} GB or "
+                            f"{MAX_MEMBERS:,} files, far beyond the flowers data; not unpacked "
+                            "(check FLOWERS_DATA_URL)")
+
+
 def _extract(archive: Path, into: Path) -> None:
-    """Unpack a tar archive, refusing paths that escape the folder."""
+    """Unpack a tar archive, refusing paths that escape the folder and archives far larger
+    than the data (counted from the headers first)."""
+    import zlib
+
     try:
         with tarfile.open(archive) as tar:
+            _check_size(archive, tar)
             tar.extractall(into, filter="data")
-    except (tarfile.TarError, OSError) as err:
-        raise DataError(f"{archive}: cannot unpack ({err}); delete it and download again") from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{archive}: cannot unpack ({err}); it is damaged or truncated: delete "
+                        "it and download again") from None
 
 
 def arrange_course_archive(archive: str | os.PathLike, dest: str | os.PathLike,

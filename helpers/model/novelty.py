@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 SHRINK = 1e-3  # of the mean variance, added to the covariance's diagonal (chosen a priori)
-MEMORY_PER_CLASS = 8  # training features kept a class: what teach refits a new class against
+MEMORY_PER_CLASS = 8  # features kept a class: what teach refits a new class against
 
 
 def normalised(features: Tensor) -> Tensor:
@@ -34,7 +34,7 @@ class Novelty(nn.Module):
         super().__init__()
         self.register_buffer("whiten", torch.zeros(num_features, num_features))
         self.register_buffer("means", torch.zeros(num_classes, num_features))
-        # A few training photos' raw features a class (fp16) and their labels: teach's negatives
+        # A few photos' raw features a class (fp16) and their labels: teach's negatives
         self.register_buffer("memory", torch.zeros(0, num_features, dtype=torch.float16))
         self.register_buffer("memory_labels", torch.zeros(0, dtype=torch.long))
 
@@ -69,12 +69,17 @@ class Novelty(nn.Module):
         whiten = vectors @ torch.diag(values.rsqrt()) @ vectors.T  # cov^(-1/2), symmetric
         self.whiten = whiten.float()
         self.means = (means @ whiten).float()
+        self.remember(features, labels)
+        return self
+
+    def remember(self, features: Tensor, labels: Tensor) -> None:
+        """Keep MEMORY_PER_CLASS photos' features a class (seeded): teach's negatives."""
+        labels = labels.long()
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-        kept = [i for c in range(num_classes) for i in
+        kept = [i for c in range(int(labels.max()) + 1) for i in
                 order[labels[order] == c][:MEMORY_PER_CLASS].tolist()]
         self.memory = features[kept].to(torch.float16)
         self.memory_labels = labels[kept].clone()
-        return self
 
     def class_mean(self, features: Tensor) -> Tensor:
         """The whitened mean of a new class's features (a row for `means`)."""

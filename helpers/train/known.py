@@ -1,7 +1,8 @@
 """Fitting the known verdict's novelty score (model/novelty.py) on the training flowers.
 
 The score's class means and shared covariance come from the training photos' centre views
-alone (their pooled features, from the cached activations where the recipe has them);
+alone (their pooled features, from the cached activations where the recipe has them); a few
+valid photos' features a class are kept for teach (its negatives), outside the score;
 its threshold is set on the valid flowers by calibration.calibrate_on. Nothing else reaches
 the fitting: no photo that is not a flower, no kind held out of training.
 """
@@ -40,13 +41,19 @@ def training_features(model: Classifier, dataset: datasets.ImageFolder, device: 
 
 
 def fit_known(model: Classifier, dataset: datasets.ImageFolder, device: torch.device, *,
-              cache: ActivationCache | None = None) -> dict[str, float]:
-    """Fit the model's novelty score on a training set; returns how many photos and seconds."""
+              cache: ActivationCache | None = None,
+              valid: datasets.ImageFolder | None = None) -> dict[str, float]:
+    """Fit the model's novelty score on a training set, and remember a few `valid` photos'
+    features a class for teach (training photos' where there is no valid set); returns how
+    many photos and seconds."""
     import time
 
     tic = time.perf_counter()
     features = training_features(model, dataset, device, cache=cache)
     model.novelty.fit(features, torch.tensor(dataset.targets),
                       num_classes=len(model.class_names))
+    if valid is not None and len(valid):  # never the score's fitting: teach's negatives only
+        model.novelty.remember(training_features(model, valid, device, cache=cache),
+                               torch.tensor(valid.targets))
     model.novelty.to(device)
     return {"photos": len(features), "seconds": time.perf_counter() - tic}

@@ -158,7 +158,8 @@ def run_recipe(model: Classifier, sets: dict[str, datasets.ImageFolder], config:
     finish_training(model, plan)
     timings = _phase_seconds(history, cache)
     if dist is None or dist.is_main:
-        timings["fit_known"] = fit_known(model, sets["train"], device, cache=cache)["seconds"]
+        timings["fit_known"] = fit_known(model, sets["train"], device, cache=cache,
+                                         valid=sets.get("valid"))["seconds"]
     tic = time.perf_counter()
     calibration = {}
     if "valid" in sets and (dist is None or dist.is_main):

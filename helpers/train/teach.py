@@ -3,8 +3,9 @@
 Nothing of the trunk trains: the new class's weights are imprinted (Qi et al. 2018) from the
 mean direction of its photos' pooled features (each photo and its mirror image), scaled to
 the mean length of the learned classes' weights, with their mean bias; then that one row is
-refitted for a moment (cross-entropy, the learned rows frozen) on its photos against the few
-training photos' features a class the model remembers (model/novelty.py). The known verdict
+refitted for a moment (cross-entropy, the learned rows frozen, every photo weighing the same)
+on its photos against the few valid photos' features a class the model remembers
+(model/novelty.py; photos it never trained on, so scored as new photos will be). The known verdict
 learns its class mean. The learned classes' weights are untouched, so their scores are
 unchanged; a photo of theirs changes answer only where the new class scores higher. Taught
 classes are listed in `model.taught` (checkpoint and metrics).
@@ -93,23 +94,21 @@ def _refit(layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor, *,
            positives: torch.Tensor, negatives: torch.Tensor,
            labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The new row (weight, bias) after a short cross-entropy refit, the learned rows frozen:
-    its photos should score it highest, the remembered photos their own class; each side
-    weighs half."""
+    its photos should score it highest, the remembered photos their own class; every photo
+    weighs the same, so the new kind is one class among many, as it will be asked."""
     w = weight.detach().clone().requires_grad_(True)
     b = bias.detach().clone().reshape(1).requires_grad_(True)
-    new_label = layer.out_features
+    x = torch.cat([positives, negatives])
+    targets = torch.cat([torch.full((len(positives),), layer.out_features, dtype=torch.long,
+                                    device=labels.device), labels.long()])
     with torch.no_grad():
-        fixed_pos, fixed_neg = layer(positives), layer(negatives)
+        fixed = layer(x)
     scale = float(weight.norm())  # steps in proportion to the row's size
     optimizer = torch.optim.Adam([w, b], lr=REFIT_LR * scale / weight.numel() ** 0.5)
-    targets = torch.full((len(positives),), new_label, dtype=torch.long,
-                         device=positives.device)
     with torch.enable_grad():
         for _ in range(REFIT_STEPS):
-            pos = torch.cat([fixed_pos, (positives @ w + b)[:, None]], dim=1)
-            neg = torch.cat([fixed_neg, (negatives @ w + b)[:, None]], dim=1)
-            loss = (nn.functional.cross_entropy(pos, targets)
-                    + nn.functional.cross_entropy(neg, labels.long()))
+            logits = torch.cat([fixed, (x @ w + b)[:, None]], dim=1)
+            loss = nn.functional.cross_entropy(logits, targets)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
