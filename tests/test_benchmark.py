@@ -29,7 +29,8 @@ def test_quick_benchmark_prints_the_table_and_writes_json(real_data, tmp_path):
     assert report["summary"]["peak_rss_mb_max"] > 100
     exports = report["exports"]
     assert set(exports) == {"pytorch fp32", "onnx fp32", "onnx int8"}
-    assert exports["onnx int8"]["mb"] < exports["onnx fp32"]["mb"] / 2
+    # the network in int8; the known verdict's whitening (6.6 MB for Lite0) stays float
+    assert exports["onnx int8"]["mb"] < exports["onnx fp32"]["mb"] * 0.6
     # the PyTorch row measures the checkpoint file (Lite0: ~14 MB), not its folder
     assert exports["pytorch fp32"]["mb"] > exports["onnx fp32"]["mb"] / 2
     assert "| onnx int8 |" in done.stdout

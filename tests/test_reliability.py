@@ -540,3 +540,40 @@ def test_names_with_escapes_and_lone_surrogates_are_shown_escaped(tmp_path, caps
     item = json_.loads(capsys.readouterr().out)
     assert {p["name"] for p in item["predictions"]} == set(names.values())
     assert shown("pétale 花") == "pétale 花"
+
+
+def test_a_fifo_a_device_or_a_folder_is_not_a_regular_file(tmp_path, capsys):
+    """Given as the photo or the checkpoint: one line that says what it is, never a hang."""
+    from helpers.model.classifier import build_model
+    from helpers.serve import inference
+
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    ckpt = inference.save_model(build_model("test_efficientnet", {"a": 0, "b": 1},
+                                            hidden_units=0), tmp_path / "c.pth")
+    photo = make_image_folder(tmp_path / "f", ["a"], per_class=1, splits=("test",))
+    photo = next(photo.rglob("*.jpg"))
+    fake_ckpt = tmp_path / "c2.pth"
+    os.mkfifo(fake_ckpt)
+    cases = [([str(fifo), str(ckpt)], "a named pipe (FIFO)"),
+             (["/dev/zero", str(ckpt)], "a device"),
+             ([str(photo), str(tmp_path)], "a folder"),
+             ([str(photo), str(fake_ckpt)], "a named pipe (FIFO)"),
+             ([str(photo), "/dev/null"], "a device")]
+    for args, kind in cases:
+        assert cli.main(["predict", *args]) == 1
+        err = capsys.readouterr().err
+        assert f"not a regular file ({kind})" in err and err.count("\n") == 1, err
+
+
+def test_top_k_above_the_class_count_says_so_once(tmp_path, capsys):
+    from helpers.model.classifier import build_model
+    from helpers.serve import inference
+
+    ckpt = inference.save_model(build_model("test_efficientnet", {"a": 0, "b": 1},
+                                            hidden_units=0), tmp_path / "c.pth")
+    folder = make_image_folder(tmp_path / "f", ["a"], per_class=3, splits=("test",))
+    assert cli.main(["predict", str(folder), str(ckpt), "--top_k", "103"]) == 0
+    done = capsys.readouterr()
+    assert done.err.count("--top_k 103: the model knows 2 classes; showing all 2") == 1
+    assert done.out.count("2. ") == 3  # two names for each of the three photos

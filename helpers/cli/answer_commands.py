@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from helpers.core.errors import ImageError, UserError
-from helpers.core.files import file_sha256
+from helpers.core.files import file_sha256, not_a_file
 from helpers.core.text import shown
 from helpers.data.images import is_image_file
 from helpers.serve.engine import Engine, open_engine
@@ -23,7 +23,7 @@ def load_engine(checkpoint: str, *, gpu: bool = False) -> Engine:
     """The checkpoint's engine: the one beside it if current, else rebuilt from it."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file; check the path")
+        raise UserError(f"{path}: {not_a_file(path, 'checkpoint')}")
     engine = open_engine(path)
     if engine is None:
         from helpers.model.checkpoint import load_checkpoint
@@ -97,6 +97,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
         mapping = {c: i for i, c in enumerate(engine.class_ids)}
         engine.class_names = class_names(mapping, load_category_names(args.category_names))
+    if args.top_k > len(engine.class_ids):
+        print(f"warning: --top_k {args.top_k}: the model knows {len(engine.class_ids)} classes; "
+              f"showing all {len(engine.class_ids)}", file=sys.stderr)
     failed = 0
     if args.json and many:
         print("[", flush=True)

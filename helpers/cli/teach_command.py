@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from helpers.core.errors import UserError
+from helpers.core.files import not_a_file
 
 
 def cmd_teach(args: argparse.Namespace) -> None:
@@ -18,7 +19,7 @@ def cmd_teach(args: argparse.Namespace) -> None:
 
     source, out = Path(args.checkpoint), Path(args.out)
     if not source.is_file():
-        raise UserError(f"{source}: no such checkpoint file; check the path")
+        raise UserError(f"{source}: {not_a_file(source, 'checkpoint')}")
     if out.resolve() == source.resolve():
         raise UserError(f"{out}: --out must be a new checkpoint, not the one taught from")
     if (args.photos is None) == (args.forget is None):

@@ -43,6 +43,18 @@ def disk_full_message(folder: str | os.PathLike, *, needed: int = 0) -> str:
             f"{want} or choose another folder (--save_dir, --out, $FLOWERS_CACHE)")
 
 
+def not_a_file(path: str | os.PathLike, what: str) -> str:
+    """Why `path` cannot be read as a `what` file: missing, or not a regular file."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return f"no such {what} file; check the path"
+    kind = ("a folder" if path.is_dir() else "a named pipe (FIFO)" if path.is_fifo()
+            else "a device" if path.is_char_device() or path.is_block_device()
+            else "a socket" if path.is_socket() else "a broken link" if path.is_symlink()
+            else "not readable")
+    return f"not a regular file ({kind}); give a {what} file"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes, in hex."""
     h = hashlib.sha256()

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from helpers.core.errors import ImageError
+from helpers.core.files import not_a_file
 
 HEIF_EXTENSIONS = (".heic", ".heif")  # phone photos; read through pillow-heif
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif",
@@ -121,7 +122,7 @@ def open_image(path: str | os.PathLike, *, at_least: int | None = None) -> Image
     """
     path = Path(path)
     if not path.is_file():
-        raise ImageError(f"{path}: no such image file; check the path")
+        raise ImageError(f"{path}: {not_a_file(path, 'image')}")
     _require_opener(path)
     try:
         with warnings.catch_warnings():

@@ -16,6 +16,7 @@ import torchvision
 
 from helpers import __version__
 from helpers.core.errors import BackboneError, CheckpointError
+from helpers.core.files import not_a_file
 from helpers.model.classifier import Classifier, build_model
 
 FORMAT_VERSION = 1
@@ -86,7 +87,7 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     """The checkpoint dict, loaded safely (weights_only=True) and checked for the needed keys."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file; check the path")
+        raise CheckpointError(f"{path}: {not_a_file(path, 'checkpoint')}")
     try:
         ckpt = (_read_safetensors(path, device) if path.suffix == ".safetensors" else
                 torch.load(path, map_location=device, weights_only=True))
