@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,27 @@ def test_a_full_disk_names_out_and_leaves_no_half_written_file(tiny_ckpt, tmp_pa
     listing = done.stdout.split("rc=1")[-1]
     assert ".tmp" not in listing and ".build-" not in listing and "new" not in listing
     assert done.stdout.rstrip().endswith("old")  # the previous model.onnx, whole
+
+
+def test_an_idle_connection_is_closed_and_frees_its_thread(tmp_path, monkeypatch):
+    """Connections that send nothing (550 held threads for ever before) are closed after the
+    idle timeout; the server keeps answering."""
+    import socket
+
+    from helpers.serve import static_server
+
+    monkeypatch.setattr(static_server.StaticHandler, "timeout", 0.5)
+    (tmp_path / "index.html").write_text("page")
+    server = webapp.make_server(tmp_path, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        idle = [socket.create_connection(server.server_address) for _ in range(20)]
+        deadline = time.time() + 10
+        for conn in idle:
+            conn.settimeout(max(0.1, deadline - time.time()))
+            assert conn.recv(1) == b""  # closed by the server, not by us
+            conn.close()
+        assert _get(server, "/")[:2] == (200, b"page")
+    finally:
+        server.shutdown()
+        server.server_close()

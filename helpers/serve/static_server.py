@@ -47,9 +47,14 @@ def resolve_request(root: str | os.PathLike, request_path: str) -> Path | int:
     return target if inside else 404
 
 
-class StaticHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves what resolve_request allows, with cross-origin isolation and no caching."""
+IDLE_TIMEOUT = 30.0  # seconds a connection may stay silent before the server closes it
 
+
+class StaticHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves what resolve_request allows, with cross-origin isolation and no caching; a
+    connection silent for IDLE_TIMEOUT seconds is closed (its thread freed)."""
+
+    timeout = IDLE_TIMEOUT  # socketserver sets it on each connection
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **MIME_TYPES}
 
     def end_headers(self) -> None:
