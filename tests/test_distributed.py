@@ -120,7 +120,10 @@ def test_two_ranks_equal_one_process_with_the_global_batch(runs, reference):
     ddp, single = _last_weights(root / "ddp"), _last_weights(root / "single")
     assert ddp.keys() == single.keys()  # plain keys: the DDP wrapper is never saved
     head = [k for k in ddp if k.startswith("head.")]
-    differences = {k: (ddp[k] - single[k]).abs().max().item() for k in ddp}
+    assert all(ddp[k].shape == single[k].shape for k in ddp)
+    # the known verdict's buffers are empty while training (fitted after it): no difference
+    differences = {k: (ddp[k] - single[k]).abs().max().item() if ddp[k].numel() else 0.0
+                   for k in ddp}
     print(f"largest difference of a head weight: {max(differences[k] for k in head):.2e}")
     assert max(differences.values()) <= TOLERANCE, differences
     assert all(differences[k] == 0 for k in ddp if k not in head)  # the frozen backbone
