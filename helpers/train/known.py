@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from helpers.core.device import autocast
+from helpers.core.device import autocast, ignore_stop_signals
 from helpers.data.transforms import eval_transform
 from helpers.model.classifier import Classifier
 from helpers.train.cache import ActivationCache
@@ -32,7 +32,8 @@ def training_features(model: Classifier, dataset: datasets.ImageFolder, device: 
                           for batch in acts.split(256)])
     plain = datasets.ImageFolder(dataset.root, transform=eval_transform(model.preprocess))
     plain.samples = list(dataset.samples)
-    loader = DataLoader(plain, batch_size=batch_size, num_workers=min(4, torch.get_num_threads()))
+    loader = DataLoader(plain, batch_size=batch_size, num_workers=min(4, torch.get_num_threads()),
+                        worker_init_fn=ignore_stop_signals)  # the main process stops
     out = []
     for images, _ in loader:
         with autocast(device, enabled=device.type == "cuda"):
