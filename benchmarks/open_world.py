@@ -116,7 +116,8 @@ def one_draw(setup, draw: int, *, held_out: int, teach_photos: int,
     trained_s = time.perf_counter() - tic
     test_known = [p for p, _ in sets["test"].samples]
     labels = np.asarray(sets["test"].targets)
-    held_test = [p for c in held for p in photos_of(found.sets["test"], held)[c]]
+    held_photos = photos_of(found.sets["test"], held)
+    held_test = [p for c in held for p in held_photos[c]]
     stranger_paths = [str(p) for group in strangers.values() for p in group]
     nov_k, top_k, pred_k = signals(model, test_known)
     nov_h, top_h, _ = signals(model, held_test)
@@ -148,7 +149,7 @@ def one_draw(setup, draw: int, *, held_out: int, teach_photos: int,
     index = model.class_to_idx
     _, _, pred_after = signals(model, test_known)
     nov_h2, _, pred_h = signals(model, held_test)
-    truth_h = np.asarray([index[c] for c in held for _ in photos_of(found.sets["test"], held)[c]])
+    truth_h = np.asarray([index[c] for c in held for _ in held_photos[c]])
     # known photos keep their old indices: the taught classes come after them
     row["teach"] = {"photos_each": teach_photos, "seconds_all": taught_s,
                     "taught_top1": float((pred_h == truth_h).mean()),

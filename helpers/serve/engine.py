@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from helpers.core.errors import ImageError
-from helpers.core.files import runtime_choice
+from helpers.core.files import atomic_write_bytes, cache_dir, file_sha256, runtime_choice
 from helpers.data.preprocess import Preprocess, process_image
 from helpers.serve.answers import Answers, Prediction, Scores, answer
 from helpers.serve.headers import checkpoint_facts, read_header
@@ -104,7 +104,6 @@ class Engine:
         self.temperature = float(meta.get("temperature", 1.0))
         self.unsure_below = float(meta.get("unsure_below", 0.0))
         self.novel_above = float(meta.get("novel_above", "inf"))
-        self.taught: list[str] = json.loads(meta.get("taught", "[]"))
         self.weights_sha256 = meta.get("weights_sha256", "")
         self.input_name = inputs[0]
         self.runtime = runtime or chosen_runtime()
@@ -177,8 +176,6 @@ class Engine:
 def bind(checkpoint_sha256: str, engine_sha256: str) -> None:
     """Record, in this user's cache, that the engine with these bytes was rebuilt from the
     checkpoint with these bytes (a checkpoint that names no engine, or another build's)."""
-    from helpers.core.files import atomic_write_bytes, cache_dir
-
     try:
         atomic_write_bytes(engine_sha256.encode(),
                            cache_dir() / "engines" / f"bound-{checkpoint_sha256[:40]}")
@@ -188,8 +185,6 @@ def bind(checkpoint_sha256: str, engine_sha256: str) -> None:
 
 def _bound(checkpoint_sha256: str) -> str:
     """The sha256 of the engine last rebuilt from the checkpoint with these bytes, or ''."""
-    from helpers.core.files import cache_dir
-
     try:
         return (cache_dir() / "engines" / f"bound-{checkpoint_sha256[:40]}").read_text()
     except OSError:
@@ -200,8 +195,6 @@ def belongs_to(engine: Engine, checkpoint: str | os.PathLike, *, sha256: str) ->
     """True when the engine file whose bytes have this sha256 is the checkpoint's: named by it
     (saved with it by save_model) or rebuilt from it here (bind), with the same classes in the
     same order."""
-    from helpers.core.files import file_sha256
-
     try:
         facts = checkpoint_facts(checkpoint)
     except ValueError:
